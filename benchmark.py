@@ -32,10 +32,10 @@ def run_case(case: str, repeats: int) -> dict:
     model = clip_model.CLIP(**VIT_B16).eval()
     if case == "image":
         images = torch.randn(BATCH, 3, 224, 224)  # (B, 3, R, R)
-        step = lambda: model.encode_image(images)  # noqa: E731
+        step = lambda: model.encode_image(images)
     else:
         text = clip_model.tokenize([f"a photo of a class{i} texture." for i in range(DTD_CLASSES)])  # (N, L)
-        step = lambda: model.encode_text(text, truncate=case == "text_truncated")  # noqa: E731
+        step = lambda: model.encode_text(text, truncate=case == "text_truncated")
     times = []
     with torch.no_grad():
         for _ in range(repeats + 1):
