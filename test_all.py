@@ -4,15 +4,28 @@ Independent truths used: open_clip (`open_clip_torch`, an independent CLIP imple
 CoOp's published few-shot selections, finite differences.
 """
 
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
 import subprocess
 import sys
+import tarfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import clip_model
+import data
+import prompts
 
 ROOT = Path(__file__).resolve().parent
 SENTENCES = ["a photo of a dog.", "an origami crane flying over the sea at dawn", "itap of a tench.",
@@ -309,3 +322,647 @@ def test_double_backward_through_attention_with_math_backend(tiny):
 
     with sdpa_kernel(SDPBackend.MATH):
         assert torch.autograd.gradgradcheck(loss, (prompt,), eps=1e-6, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts.py
+
+CLASSNAMES = ["dog", "yo_yo", "sea_or_lake", "F/A-18"]
+
+
+def plain_clip_text(clip, template):
+    text = clip_model.tokenize([template.format(c.replace("_", " ")) for c in CLASSNAMES])
+    with torch.no_grad():
+        return torch.nn.functional.normalize(clip.encode_text(text, truncate=False), dim=-1)
+
+
+def test_coop_and_ivlp_at_init_equal_plain_clip(tiny):
+    expected = plain_clip_text(tiny, "a photo of a {}.")
+    coop = prompts.CoOp(tiny, CLASSNAMES, ctx_init="a photo of a")
+    ivlp = prompts.IVLP(tiny, CLASSNAMES, text_depth=1, n_ctx_vision=0)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(coop.encode_text(), expected, rtol=TOL, atol=TOL)
+        torch.testing.assert_close(ivlp.encode_text(), expected, rtol=TOL, atol=TOL)
+        torch.testing.assert_close(ivlp(images), prompts.clip_logits(
+            tiny, torch.nn.functional.normalize(tiny.encode_image(images), dim=-1), expected), rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("position,template", [("front", "{} a photo of a."), ("middle", "a photo {} of a.")])
+def test_coop_class_token_positions(tiny, position, template):
+    """CoOp's middle/front prompts with words as context are plain CLIP prompts with the words moved around."""
+    coop = prompts.CoOp(tiny, CLASSNAMES, ctx_init="a photo of a", class_token_position=position)
+    with torch.no_grad():
+        torch.testing.assert_close(coop.encode_text(), plain_clip_text(tiny, template), rtol=TOL, atol=TOL)
+
+
+def test_only_prompts_are_trainable(tiny):
+    coop = prompts.CoOp(tiny, CLASSNAMES, n_ctx=16, class_specific=True)
+    assert {k: tuple(v.shape) for k, v in prompts.prompt_parameters(coop).items()} == {"ctx": (4, 16, 64)}
+    ivlp = prompts.IVLP(tiny, CLASSNAMES, text_depth=2, vision_depth=2, n_ctx_vision=3)
+    shapes = {k: tuple(v.shape) for k, v in prompts.prompt_parameters(ivlp).items()}
+    assert shapes == {"ctx": (4, 64), "text_deep_prompts.0": (4, 64), "vision_ctx": (3, 64),
+                      "vision_deep_prompts.0": (3, 64)}
+    ivlp(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prompts.prompt_parameters(ivlp).values())
+    assert all(p.grad is None for p in tiny.parameters())
+
+
+def test_promptsrc_losses_by_hand():
+    a = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    b = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    assert prompts.consistency_l1(a, b).item() == pytest.approx((0.2 + 0.2 + 1.0 + 1.0) / 4)
+    logits, zs = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    p = torch.tensor([2.0, 0.0]).exp() / (1 + torch.tensor(2.0).exp())  # softmax of the prompted logits
+    kl = 0.5 * torch.log(0.5 / p[0]) + 0.5 * torch.log(0.5 / p[1])  # KL(q || p), q = uniform zero-shot
+    assert prompts.kl_to_zero_shot(logits, zs).item() == pytest.approx(kl.item() / 2, rel=1e-6)  # / numel
+    w = prompts.gaussian_epoch_weights(3, mean=2, std=1)
+    e = torch.exp(torch.tensor(-0.5, dtype=torch.float64))
+    torch.testing.assert_close(w, torch.stack([e, torch.ones_like(e), e]) / (1 + 2 * e))
+    snaps = [{"ctx": torch.tensor([1.0])}, {"ctx": torch.tensor([2.0])}, {"ctx": torch.tensor([4.0])}]
+    assert prompts.aggregate_prompts(snaps, w)["ctx"].item() == pytest.approx(float((e + 2 + 4 * e) / (1 + 2 * e)))
+
+
+def test_frozen_teacher_averages_raw_template_features(tiny):
+    templates = ["a photo of a {}.", "art of the {}."]
+    teacher = prompts.FrozenTeacher(tiny, CLASSNAMES, templates)
+    raw = [tiny.encode_text(clip_model.tokenize([t.format(c.replace("_", " ")) for c in CLASSNAMES]))
+           for t in templates]
+    expected = torch.nn.functional.normalize((raw[0] + raw[1]) / 2, dim=-1)
+    torch.testing.assert_close(teacher.text_features, expected.detach(), rtol=TOL, atol=TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: CoOp split files, Dassl few-shot draw against CoOp's published selections, CoCoOp base/new classes,
+# every dataset's folder layout on tiny fake trees, downloads on fake archives, bad input
+
+SHARED = ROOT.parent / "shared" / "data"  # CoOp's published few-shot selections live here in CI
+GOLDEN = ROOT / "tests_data" / "fewshot_indices_dtd_oxford_pets.json.gz"  # compact copy: indices only
+GOLDEN_SHA256 = "3ecacb6f698415602169b3889dad0bd8ee85f9f1bdfda96ba36a6819ec9570df"
+SHOTS, SEEDS = (1, 2, 4, 8, 16), (1, 2, 3)
+# CoOp paper table / protocol.md §1.0: (#train, #val, #test, #classes) of the shipped split files
+SPLIT_COUNTS = {
+    "Caltech101": (4128, 1649, 2465, 100), "DescribableTextures": (2820, 1128, 1692, 47),
+    "EuroSAT": (13500, 5400, 8100, 10), "OxfordFlowers": (4093, 1633, 2463, 102),
+    "OxfordPets": (2944, 736, 3669, 37), "StanfordCars": (6509, 1635, 8041, 196), "UCF101": (7639, 1898, 3783, 101),
+}
+
+
+def jpeg_bytes(size=(8, 6), colour=(120, 30, 200)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+JPEG = jpeg_bytes()
+
+
+def touch_images(paths):
+    for p in paths:
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+        Path(p).write_bytes(JPEG)
+
+
+def shipped_split(coop_name):
+    return data.read_split(data.SPLITS_DIR / f"split_zhou_{coop_name}.json.gz", "")
+
+
+def indexed(items):
+    """Replace each path by its position in the list, so a draw can be compared with published indices."""
+    return [d._replace(impath=i) for i, d in enumerate(items)]
+
+
+# --- few-shot identity with CoOp's published selections -------------------------------------------------
+@pytest.mark.parametrize("k", SHOTS)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dataset,coop_name", [("dtd", "DescribableTextures"), ("oxford_pets", "OxfordPets")])
+def test_fewshot_identical_to_published(dataset, coop_name, k, seed):
+    train, val, _ = shipped_split(coop_name)
+    rng = random.Random(seed)
+    drawn_train = data.generate_fewshot(indexed(train), k, rng)
+    drawn_val = data.generate_fewshot(indexed(val), min(k, 4), rng)
+    ref = data.read_json(GOLDEN)[f"{dataset}/shot_{k}-seed_{seed}"]
+    assert [d.impath for d in drawn_train] == ref["train"]
+    assert [d.impath for d in drawn_val] == ref["val"]
+
+
+def test_golden_copy_matches_published_files():
+    assert hashlib.sha256(GOLDEN.read_bytes()).hexdigest() == GOLDEN_SHA256
+    if SHARED.is_dir():  # CI: shared/ beside the repo holds the byte copies of the published files
+        golden = data.read_json(GOLDEN)
+        for key, ref in golden.items():
+            dataset, name = key.split("/")
+            published = json.loads((SHARED / "fewshot_indices" / dataset / f"{name}.json").read_text())
+            assert ref == {s: published[s]["indices"] for s in ("train", "val")}
+        assert len(golden) == 2 * len(SHOTS) * len(SEEDS)
+
+
+def test_module_random_seed_gives_same_stream_as_local_instance():
+    random.seed(3)
+    expected = random.sample(range(60), 16) + random.sample(range(24), 4)
+    rng = random.Random(3)
+    assert rng.sample(range(60), 16) + rng.sample(range(24), 4) == expected
+
+
+def test_build_dataset_dtd_end_to_end_matches_published_selection(tmp_path):
+    train, val, test = shipped_split("DescribableTextures")
+    image_dir = tmp_path / "dtd" / "images"
+    touch_images(image_dir / d.impath for d in train + val + test)
+    splits = data.build_dataset("dtd", tmp_path, shots=1, seed=1)
+    ref = data.read_json(GOLDEN)["dtd/shot_1-seed_1"]
+    assert [d.impath for d in splits.train] == [str(image_dir / train[i].impath) for i in ref["train"]]
+    assert [d.impath for d in splits.val] == [str(image_dir / val[i].impath) for i in ref["val"]]
+    assert len(splits.test) == 1692 and len(splits.classnames) == 47
+    cache = json.loads((tmp_path / "dtd" / "split_fewshot" / "shot_1-seed_1.json").read_text())
+    assert cache["train"][0] == [train[ref["train"][0]].impath, 0, "banded"]
+    assert not list((tmp_path / "dtd" / "split_fewshot").glob("*.tmp"))
+
+
+def test_fewshot_cache_wins_over_resampling(tmp_path):
+    data.make_synthetic_dataset(tmp_path, n_classes=2, n_per_class=10)
+    first = data.build_dataset("synthetic", tmp_path, shots=2, seed=1)
+    path = tmp_path / "synthetic" / "split_fewshot" / "shot_2-seed_1.json"
+    cache = json.loads(path.read_text())
+    cache["train"] = cache["train"][:1]
+    path.write_text(json.dumps(cache))
+    again = data.build_dataset("synthetic", tmp_path, shots=2, seed=1)
+    assert len(first.train) == 4 and again.train == first.train[:1]
+
+
+# --- Food101 / SUN397: CoOp's split files are checked against the published selections -------------------
+@pytest.mark.parametrize("dataset,coop_name,prefix", [("food101", "Food101", "./data/food-101/images/"),
+                                                      ("sun397", "SUN397", "./data/sun397/SUN397/")])
+def test_shipped_split_checks_equal_published_selection(dataset, coop_name, prefix):
+    check = data.read_json(data.SPLITS_DIR / f"fewshot_check_{coop_name}.json.gz")
+    assert (check["shots"], check["seed"]) == (1, 1)
+    if SHARED.is_dir():
+        published = json.loads((SHARED / "fewshot_indices" / dataset / "shot_1-seed_1.json").read_text())
+        for s in ("train", "val"):
+            assert check[s]["indices"] == published[s]["indices"]
+            assert check[s]["relpaths"] == [e["impath"].removeprefix(prefix) for e in published[s]["data"]]
+    assert len(check["train"]["relpaths"]) == {"food101": 101, "sun397": 397}[dataset]
+
+
+def food101_split_like_coops(per_class=(500, 200, 300)):
+    """A Food101 split with CoOp's shape (class-contiguous 500/200/300) holding the published 1-shot picks
+    where CoOp's file has them; every other entry is a filler name."""
+    check = data.read_json(data.SPLITS_DIR / "fewshot_check_Food101.json.gz")
+    split = {}
+    for s, n in zip(("train", "val", "test"), per_class):
+        split[s] = [[f"c{i // n}/filler_{i}.jpg", i // n, f"class_{i // n}"] for i in range(101 * n)]
+    for s in ("train", "val"):
+        for i, rel in zip(check[s]["indices"], check[s]["relpaths"]):
+            split[s][i][0] = rel
+    return split
+
+
+def test_downloaded_split_is_verified(tmp_path, monkeypatch):
+    folder = tmp_path / "food-101"
+    (folder / "images").mkdir(parents=True)
+    good = food101_split_like_coops()
+    bad = json.loads(json.dumps(good))
+    first_pick = data.read_json(data.SPLITS_DIR / "fewshot_check_Food101.json.gz")["train"]["indices"][0]
+    bad["train"][first_pick][0] = "apple_pie/not_the_published_one.jpg"
+
+    def fake_gdrive(split):
+        return lambda file_id, root, filename: Path(root, filename).write_text(json.dumps(split))
+    monkeypatch.setattr(data, "download_file_from_google_drive", fake_gdrive(good))
+    assert data.download_coop_split("food101", folder, str(folder / "images")).name == "split_zhou_Food101.json"
+    os.remove(folder / "split_zhou_Food101.json")
+    monkeypatch.setattr(data, "download_file_from_google_drive", fake_gdrive(bad))
+    with pytest.raises(data.DataError, match="does not reproduce"):
+        data.download_coop_split("food101", folder, str(folder / "images"))
+    assert not (folder / "split_zhou_Food101.json").exists()
+
+
+def test_food101_without_split_generates_one_with_warning(tmp_path):
+    image_dir = tmp_path / "food-101" / "images"
+    touch_images(image_dir / c / f"{i}.jpg" for c in ("apple_pie", "baby_back_ribs") for i in range(10))
+    with pytest.warns(UserWarning, match="not comparable"):
+        splits = data.build_dataset("food101", tmp_path, shots=0)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (10, 4, 6)  # 50/20/30 of 10 per class
+    assert splits.classnames == ["apple_pie", "baby_back_ribs"]
+    assert (tmp_path / "food-101" / "split_generated_Food101.json").exists()
+    with pytest.warns(UserWarning, match="not comparable"):  # warned on every use, same split
+        assert data.build_dataset("food101", tmp_path, shots=0).train == splits.train
+
+
+def test_sun397_without_split_uses_official_test_partition(tmp_path):
+    folder = tmp_path / "sun397"
+    scenes = ["/a/abbey", "/a/apartment_building/outdoor"]
+    train_lines = [f"{s}/sun_tr{i}.jpg" for s in scenes for i in range(10)]
+    test_lines = [f"{s}/sun_te{i}.jpg" for s in scenes for i in range(3)]
+    folder.mkdir()
+    for name, lines in (("ClassName.txt", scenes), ("Training_01.txt", train_lines), ("Testing_01.txt", test_lines)):
+        (folder / name).write_text("\n".join(lines) + "\n")
+    touch_images(folder / "SUN397" / p.lstrip("/") for p in train_lines + test_lines)
+    with pytest.warns(UserWarning, match="not comparable"):
+        splits = data.build_dataset("sun397", tmp_path, shots=0)
+    assert [d.impath for d in splits.test] == [str(folder / "SUN397" / p.lstrip("/")) for p in test_lines]
+    assert (len(splits.train), len(splits.val)) == (16, 4)  # 80/20 per class
+    assert splits.classnames == ["abbey", "outdoor apartment_building"]
+
+
+# --- base-to-new ------------------------------------------------------------------------------------------
+def test_subsample_classes_hand_example():
+    def items(labels):
+        return [data.Datum(f"{y}_{i}.jpg", y, f"c{y}") for i, y in enumerate(labels)]
+    train, test = items([3, 0, 4, 1, 2, 4]), items([0, 1, 2, 3, 4])
+    # labels {0..4}: ceil(5/2) = 3 base classes {0,1,2} -> 0,1,2; new {3,4} -> 0,1; order kept
+    base_train, base_test = data.subsample_classes(train, test, subsample="base")
+    assert [(d.impath, d.label) for d in base_train] == [("0_1.jpg", 0), ("1_3.jpg", 1), ("2_4.jpg", 2)]
+    assert [d.classname for d in base_test] == ["c0", "c1", "c2"]
+    new_train, new_test = data.subsample_classes(train, test, subsample="new")
+    assert [(d.impath, d.label, d.classname) for d in new_train] == [
+        ("3_0.jpg", 0, "c3"), ("4_2.jpg", 1, "c4"), ("4_5.jpg", 1, "c4")]
+    assert [d.label for d in new_test] == [0, 1]
+    assert data.subsample_classes(train, test, subsample="all") == (train, test)
+
+
+@pytest.mark.parametrize("coop_name", sorted(SPLIT_COUNTS))
+def test_shipped_splits_counts_and_base_new_sizes(coop_name):
+    train, val, test = shipped_split(coop_name)
+    n_train, n_val, n_test, n_cls = SPLIT_COUNTS[coop_name]
+    assert (len(train), len(val), len(test), len({d.label for d in train})) == (n_train, n_val, n_test, n_cls)
+    few = data.generate_fewshot(train, 16, random.Random(1))
+    base = data.subsample_classes(few, subsample="base")[0]
+    new = data.subsample_classes(few, subsample="new")[0]
+    assert (len({d.label for d in base}), len({d.label for d in new})) == (math.ceil(n_cls / 2), n_cls // 2)
+    assert len(base) == 16 * math.ceil(n_cls / 2)
+
+
+# --- every dataset's layout on tiny fake trees ---------------------------------------------------------------
+def fake_local_split(coop_name, n_classes=3):
+    """From the shipped split: 2 train, 1 val, 1 test item for the first n_classes labels, relabelled 0.."""
+    full = dict(zip(("train", "val", "test"), shipped_split(coop_name)))
+    labels = sorted({d.label for d in full["train"]})[:n_classes]
+    split = {}
+    for s, n in (("train", 2), ("val", 1), ("test", 1)):
+        split[s] = [[d.impath, labels.index(d.label), d.classname] for y in labels
+                    for d in [x for x in full[s] if x.label == y][:n]]
+    return split
+
+
+INVENTED_SPLITS = {  # the two split files not shipped; names as in CoOp's files
+    "Food101": {"train": [["apple_pie/1005649.jpg", 0, "apple_pie"], ["baby_back_ribs/100.jpg", 1, "baby_back_ribs"]],
+                "val": [["apple_pie/1011328.jpg", 0, "apple_pie"]], "test": [["baby_back_ribs/7.jpg", 1, "baby_back_ribs"]]},
+    "SUN397": {"train": [["a/abbey/sun_aaa.jpg", 0, "abbey"], ["a/apse/indoor/sun_b.jpg", 1, "indoor apse"]],
+               "val": [["a/abbey/sun_c.jpg", 0, "abbey"]], "test": [["a/apse/indoor/sun_d.jpg", 1, "indoor apse"]]},
+}
+SPLIT_DATASETS = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "sun397", "dtd",
+                  "eurosat", "ucf101"]
+
+
+@pytest.mark.parametrize("name", SPLIT_DATASETS)
+def test_layout_split_datasets_local_split_wins(tmp_path, name):
+    spec = data.DATASETS[name]
+    split = INVENTED_SPLITS.get(spec.coop_name) or fake_local_split(spec.coop_name)
+    folder = tmp_path / spec.dataset_dir
+    image_dir = folder / spec.image_dir
+    folder.mkdir()
+    (folder / f"split_zhou_{spec.coop_name}.json").write_text(json.dumps(split))
+    touch_images(image_dir / e[0] for s in split.values() for e in s)
+    splits = data.build_dataset(name, tmp_path, shots=0)
+    for s in ("train", "val", "test"):
+        assert [tuple(d[:3]) for d in getattr(splits, s)] == [(str(image_dir / r), y, c) for r, y, c in split[s]]
+    names = {y: c for _, y, c in split["train"]}
+    assert splits.classnames == [names[y] for y in range(len(names))]
+
+
+def test_stanford_cars_paths_relative_to_dataset_folder():
+    train, _, test = shipped_split("StanfordCars")
+    assert train[0].impath.startswith("cars_train/") and test[0].impath.startswith("cars_test/")
+    assert data.DATASETS["stanford_cars"].image_dir == ""
+
+
+def test_layout_fgvc_aircraft(tmp_path):
+    folder = tmp_path / "fgvc_aircraft"
+    folder.mkdir()
+    (folder / "variants.txt").write_text("707-320\nF/A-18\nCessna 172\n")
+    lines = {"train": ["1025794 707-320", "0056978 Cessna 172", "1514522 F/A-18"],
+             "val": ["0062765 F/A-18"], "test": ["2216745 Cessna 172"]}
+    for s, ls in lines.items():
+        (folder / f"images_variant_{s}.txt").write_text("\n".join(ls) + "\n")
+    touch_images(folder / "images" / f"{line.split()[0]}.jpg" for ls in lines.values() for line in ls)
+    splits = data.build_dataset("fgvc_aircraft", tmp_path, shots=0)
+    assert [(Path(d.impath).name, d.label, d.classname) for d in splits.train] == [
+        ("1025794.jpg", 0, "707-320"), ("0056978.jpg", 2, "Cessna 172"), ("1514522.jpg", 1, "F/A-18")]
+    assert splits.classnames == ["707-320", "F/A-18", "Cessna 172"]
+    assert (len(splits.val), len(splits.test)) == (1, 1)
+
+
+def imagenet_wnids():
+    return [line.split(" ")[0] for line in (data.SPLITS_DIR / "imagenet_classnames.txt").read_text().splitlines()]
+
+
+def test_layout_imagenet_sorted_files(tmp_path):
+    image_dir = tmp_path / "imagenet" / "images"
+    for split in ("train", "val"):
+        for w in imagenet_wnids():
+            (image_dir / split / w).mkdir(parents=True)
+    touch_images([image_dir / "train/n01440764/b.JPEG", image_dir / "train/n01440764/a.JPEG",
+                  image_dir / "train/n15075141/c.JPEG", image_dir / "val/n01443537/v.JPEG"])
+    splits = data.build_dataset("imagenet", tmp_path, shots=0)
+    assert [(Path(d.impath).name, d.label, d.classname) for d in splits.train] == [
+        ("a.JPEG", 0, "tench"), ("b.JPEG", 0, "tench"), ("c.JPEG", 999, "toilet paper")]
+    assert splits.val == splits.test and splits.test[0][1:3] == (1, "goldfish")
+    assert len(splits.classnames) == 1000 and splits.classnames[134] == "crane bird"
+    for _ in range(2):  # CoOp ImageNet: only train is few-shot (cache holds no val); val stays = test
+        few = data.build_dataset("imagenet", tmp_path, shots=1, seed=1)
+        assert [d[1] for d in few.train] == [0, 999] and few.val == few.test == splits.test
+    assert list(json.loads((tmp_path / "imagenet/split_fewshot/shot_1-seed_1.json").read_text())) == ["train"]
+
+
+@pytest.mark.parametrize("name,n_cls", [("imagenetv2", 1000), ("imagenet_sketch", 1000), ("imagenet_a", 200),
+                                        ("imagenet_r", 200)])
+def test_layout_imagenet_variants(tmp_path, name, n_cls):
+    spec = data.DATASETS[name]
+    image_dir = tmp_path / spec.dataset_dir / spec.image_dir
+    listed = {"imagenet_a": "imagenet_a_wnids.txt", "imagenet_r": "imagenet_r_wnids.txt"}.get(name)
+    wnids = [line.split(" ")[0] for line in (data.SPLITS_DIR / listed).read_text().splitlines()] if listed \
+        else imagenet_wnids()
+    folders = [str(i) for i in range(1000)] if name == "imagenetv2" else wnids
+    for f in folders:
+        (image_dir / f).mkdir(parents=True)
+    touch_images([image_dir / folders[0] / "x.jpg", image_dir / folders[-1] / "y.jpg"])
+    (image_dir / "README.txt").write_text("ignored, as CoOp's TO_BE_IGNORED")
+    splits = data.build_dataset(name, tmp_path, shots=16, subsample="base")
+    assert splits.train == [] and splits.val == []
+    assert [d.label for d in splits.test] == [0, n_cls - 1] and len(splits.classnames) == n_cls
+    if name == "imagenet_a":
+        assert wnids[0] == "n01498041" and splits.classnames[0] == "stingray"
+
+
+def dg_tree(tmp_path, name):
+    """Two images per class in every domain/split of a tiny DG suite (2 classes)."""
+    folder = tmp_path / data.DATASETS[name].dataset_dir
+    for d in data.DATASETS[name].domains:
+        if name == "pacs":
+            for s in ("train", "crossval"):
+                rels = [f"{d}/{c}/{s}_{i}.jpg" for c in ("dog", "elephant") for i in range(2)]
+                (folder / "splits").mkdir(parents=True, exist_ok=True)
+                (folder / "splits" / f"{d}_{s}_kfold.txt").write_text(
+                    "".join(f"{r} {1 + ('elephant' in r)}\n" for r in rels))
+                touch_images(folder / "images" / r for r in rels)
+        elif name == "domainnet":
+            for s in ("train", "test"):
+                rels = [f"{d}/{c}/{d}_{s}_{i}.jpg" for c in ("aircraft_carrier", "airplane") for i in range(2)]
+                (folder / "splits").mkdir(parents=True, exist_ok=True)
+                (folder / "splits" / f"{d}_{s}.txt").write_text("".join(f"{r} {int('airplane/' in r)}\n" for r in rels))
+                touch_images(folder / r for r in rels)
+        else:
+            splits = ("train", "crossval", "test") if name == "vlcs" else ("train", "val")
+            classes = ("0", "1") if name == "vlcs" else ("Alarm_Clock", "Backpack")
+            dname = d.upper() if name == "vlcs" else d
+            touch_images(folder / dname / s / c / f"{i}.jpg" for s in splits for c in classes for i in range(2))
+    return folder
+
+
+@pytest.mark.parametrize("name,names,n_test", [("pacs", ["dog", "elephant"], 8),
+                                               ("vlcs", ["bird", "car"], 4),
+                                               ("office_home", ["alarm_clock", "backpack"], 8),
+                                               ("domainnet", ["aircraft_carrier", "airplane"], 4)])
+def test_layout_dg_suites(tmp_path, name, names, n_test):
+    dg_tree(tmp_path, name)
+    domains = data.DATASETS[name].domains
+    splits = data.build_dataset(name, tmp_path, shots=1, seed=1, target_domain=domains[1])
+    n_src = len(domains) - 1
+    assert splits.classnames == names
+    assert [(d.domain, d.label) for d in splits.train] == [(dom, y) for dom in range(n_src) for y in (0, 1)]
+    assert all(domains[1] not in d.impath.replace(domains[1].upper(), domains[1]) for d in splits.train)
+    assert len(splits.test) == n_test and {d.domain for d in splits.test} == {0}
+    assert all(f"/{domains[1]}/" in d.impath.replace(domains[1].upper(), domains[1]) for d in splits.test)
+    cache = json.loads((tmp_path / data.DATASETS[name].dataset_dir / "split_fewshot" /
+                        f"{domains[1]}_shot_1-seed_1.json").read_text())
+    assert [e[3] if len(e) > 3 else 0 for e in cache["train"]] == [d.domain for d in splits.train]
+    assert data.build_dataset(name, tmp_path, shots=1, seed=1, target_domain="1").train == splits.train
+
+
+def test_dg_needs_target_domain(tmp_path):
+    dg_tree(tmp_path, "pacs")
+    with pytest.raises(data.DataError, match="art_painting, cartoon, photo, sketch"):
+        data.build_dataset("pacs", tmp_path)
+
+
+# --- class names and templates ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dataset,coop_name", [("caltech101", "Caltech101"), ("eurosat", "EuroSAT"),
+                                               ("dtd", "DescribableTextures")])
+def test_clean_classname_matches_split_files(dataset, coop_name):
+    train, _, _ = shipped_split(coop_name)
+    assert all(data.clean_classname(dataset, d.impath.split("/")[0]) == d.classname for d in train)
+
+
+def test_clean_classname_rules_and_prompt_names():
+    assert data.clean_classname("sun397", "/a/apartment_building/outdoor") == "outdoor apartment_building"
+    assert data.clean_classname("stanford_cars", "AM General Hummer SUV 2000") == "2000 AM General Hummer SUV"
+    assert [data.clean_classname("ucf101", a) for a in ("ApplyEyeMakeup", "YoYo")] == ["Apply_Eye_Makeup", "Yo_Yo"]
+    assert data.prompt_classname("windsor_chair") == "windsor chair"
+    assert data.zero_shot_template("dtd").format("banded") == "banded texture."
+    assert data.zero_shot_template("eurosat") == "a centered satellite photo of {}."
+
+
+def test_imagenet_template_ensembles():
+    assert len(data.IMAGENET_TEMPLATES) == 80 == len(set(data.IMAGENET_TEMPLATES))
+    assert data.IMAGENET_TEMPLATES[:2] == ["a bad photo of a {}.", "a photo of many {}."]
+    assert data.IMAGENET_TEMPLATES[39] == "a photo of a {}." and data.IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    assert len(data.IMAGENET_TEMPLATES_SELECT) == 7 and set(data.IMAGENET_TEMPLATES_SELECT) < set(
+        data.IMAGENET_TEMPLATES)
+    p = data.IMAGENET_TEMPLATES_PROMPTSRC
+    assert len(p) == 60 and p[0] == "a photo of a {}." and p[-1] == "itap of the {}." and p.count(p[0]) == 1
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+def test_unknown_dataset_lists_known_ones():
+    with pytest.raises(data.DataError, match="unknown dataset 'cifar10'; known: imagenet, caltech101"):
+        data.build_dataset("cifar10", "/tmp")
+
+
+def test_missing_root_and_folder_messages(tmp_path):
+    with pytest.raises(data.DataError, match=r"root .*nope does not exist.*--dataset dtd .*--download.*dtd/images"):
+        data.build_dataset("dtd", tmp_path / "nope")
+    with pytest.raises(data.DataError, match=r"folder .*stanford_cars not found; get it from https://.*cars_train"):
+        data.build_dataset("stanford_cars", tmp_path)
+
+
+def test_missing_image_folder_message(tmp_path):
+    (tmp_path / "eurosat").mkdir()
+    with pytest.raises(data.DataError, match=r"image folder .*eurosat/2750 not found; get it with: .*--download"):
+        data.build_dataset("eurosat", tmp_path)
+
+
+def test_missing_listed_images_are_counted_not_skipped(tmp_path):
+    data.make_synthetic_dataset(tmp_path, n_classes=2, n_per_class=10)
+    gone = sorted((tmp_path / "synthetic" / "images" / "red_circle").iterdir())[:3]
+    for p in gone:
+        p.unlink()
+    with pytest.raises(data.DataError, match=r"3 of 20 images listed in the split are missing .*red_circle_0000"):
+        data.build_dataset("synthetic", tmp_path, shots=0)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    data.make_synthetic_dataset(tmp_path, n_classes=2, n_per_class=10)
+    splits = data.build_dataset("synthetic", tmp_path, shots=0)
+    Path(splits.test[0].impath).write_bytes(b"not a jpeg")
+    dataset = data.ImageListDataset(splits.test, data.build_transform(False, 16))
+    assert dataset[1]["img"].shape == (3, 16, 16)
+    with pytest.raises(data.DataError, match=f"cannot read image {splits.test[0].impath}"):
+        dataset[0]
+
+
+def test_more_shots_than_images_takes_all_with_warning():
+    items = [data.Datum(f"{i}.jpg", i % 2, f"c{i % 2}") for i in range(5)]  # class 0: 3 items, class 1: 2
+    with pytest.warns(UserWarning, match=r"class 1 \(c1\) has 2 images, fewer than 3 shots"):
+        drawn = data.generate_fewshot(items, 3, random.Random(1))
+    assert sorted(d.impath for d in drawn) == [f"{i}.jpg" for i in range(5)]
+
+
+def test_cli_summary_and_error_line(tmp_path, capsys):
+    data.make_synthetic_dataset(tmp_path, n_classes=3, n_per_class=10)
+    cmd = [sys.executable, str(ROOT / "data.py"), "--dataset", "synthetic", "--root", str(tmp_path),
+           "--shots", "2", "--seed", "3", "--subsample", "base"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["synthetic: 2 classes (blue circle, green circle)", "train 4 | val 4 | test 6"]
+    assert (tmp_path / "synthetic" / "split_fewshot" / "shot_2-seed_3.json").exists()
+    with pytest.raises(SystemExit) as exit_info:  # in-process: a second interpreter start costs seconds
+        data.main(["--dataset", "imagenet", "--root", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: dataset folder") and "image-net.org" in err
+
+
+# --- synthetic data, transforms, loaders ------------------------------------------------------------------------
+def test_synthetic_dataset_is_deterministic(tmp_path):
+    names = data.make_synthetic_dataset(tmp_path / "a", seed=5)
+    data.make_synthetic_dataset(tmp_path / "b", seed=5)
+    data.make_synthetic_dataset(tmp_path / "c", seed=6)
+
+    def digest(root):
+        files = sorted(p for p in (root / "synthetic").rglob("*") if p.is_file())
+        return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    splits = data.build_dataset("synthetic", tmp_path / "a", shots=0)
+    assert splits.classnames == names and (len(splits.train), len(splits.val), len(splits.test)) == (30, 12, 18)
+
+
+def test_transforms_shapes_and_clip_normalisation():
+    grey = Image.new("RGB", (50, 20), (128, 128, 128))
+    x = data.build_transform(False, 16)(grey)
+    expected = (torch.tensor([128 / 255] * 3) - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+    assert x.shape == (3, 16, 16) and torch.allclose(x, expected[:, None, None].expand(3, 16, 16), atol=1e-6)
+    assert data.build_transform(True, 12)(grey).shape == (3, 12, 12)
+    test_ops = [type(t).__name__ for t in data.build_transform(False).transforms]
+    assert test_ops == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    rrc = data.build_transform(True).transforms[0]
+    assert rrc.scale == (0.08, 1.0) and rrc.interpolation == data.T.InterpolationMode.BICUBIC
+
+
+def test_loader_drop_last_rule_and_batches(tmp_path):
+    data.make_synthetic_dataset(tmp_path, n_classes=1, n_per_class=10)
+    train = data.build_dataset("synthetic", tmp_path, shots=0).train  # 5 images
+    batches = list(data.build_loader(train, train=True, batch_size=4, size=8, num_workers=0, seed=0))
+    assert [b["img"].shape for b in batches] == [(4, 3, 8, 8)]  # 5 >= 4: drop_last
+    assert len(list(data.build_loader(train, train=True, batch_size=8, size=8, num_workers=0))) == 1
+    test = list(data.build_loader(train, train=False, size=8, num_workers=0))
+    assert len(test) == 1 and test[0]["index"].tolist() == [0, 1, 2, 3, 4] and test[0]["label"].tolist() == [0] * 5
+    again = list(data.build_loader(train, train=True, batch_size=4, size=8, num_workers=0, seed=0))
+    assert again[0]["index"].tolist() == batches[0]["index"].tolist()
+
+
+# --- downloads, arranged into the CoOp layout from fake archives ----------------------------------------------
+def make_archive(path, files):
+    """files: {member name: bytes}; .zip or tar(.gz/.tgz) by suffix."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as z:
+            for name, content in files.items():
+                z.writestr(name, content)
+        return
+    with tarfile.open(path, "w:gz" if path.suffix in (".gz", ".tgz") else "w") as t:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            t.addfile(info, io.BytesIO(content))
+
+
+def fake_archives(tmp_path):
+    inner = tmp_path / "101_ObjectCategories.tar.gz"
+    make_archive(inner, {"101_ObjectCategories/accordion/image_0001.jpg": JPEG})
+    archives = {
+        "dtd-r1.0.1.tar.gz": {"dtd/images/banded/banded_0001.jpg": JPEG, "dtd/labels/labels_joint_anno.txt": b""},
+        "EuroSAT.zip": {"2750/Forest/Forest_1.jpg": JPEG},
+        "images.tar.gz": {"images/Abyssinian_1.jpg": JPEG},
+        "annotations.tar.gz": {"annotations/trainval.txt": b"Abyssinian_1 1 1 1\n"},
+        "102flowers.tgz": {"jpg/image_00001.jpg": JPEG},
+        "fgvc-aircraft-2013b.tar.gz": {"fgvc-aircraft-2013b/data/images/0034309.jpg": JPEG,
+                                       "fgvc-aircraft-2013b/data/variants.txt": b"707-320\n",
+                                       "fgvc-aircraft-2013b/evaluation.m": b""},
+        "food-101.tar.gz": {"food-101/images/apple_pie/1.jpg": JPEG, "food-101/meta/train.txt": b""},
+        "caltech-101.zip": {"caltech-101/101_ObjectCategories.tar.gz": inner.read_bytes(),
+                            "caltech-101/Annotations.tar": b""},
+        "SUN397.tar.gz": {"SUN397/a/abbey/sun_a.jpg": JPEG},
+        "Partitions.zip": {"ClassName.txt": b"/a/abbey\n", "Training_01.txt": b"/a/abbey/sun_a.jpg\n",
+                           "Testing_01.txt": b""},
+    }
+    store = tmp_path / "archives"
+    store.mkdir()
+    for name, files in archives.items():
+        make_archive(store / name, files)
+    (store / "imagelabels.mat").write_bytes(b"MATLAB")
+    return store
+
+
+EXPECTED_AFTER_DOWNLOAD = {
+    "dtd": ["dtd/images/banded/banded_0001.jpg"], "eurosat": ["eurosat/2750/Forest/Forest_1.jpg"],
+    "oxford_pets": ["oxford_pets/images/Abyssinian_1.jpg", "oxford_pets/annotations/trainval.txt"],
+    "oxford_flowers": ["oxford_flowers/jpg/image_00001.jpg", "oxford_flowers/imagelabels.mat"],
+    "fgvc_aircraft": ["fgvc_aircraft/images/0034309.jpg", "fgvc_aircraft/variants.txt"],
+    "food101": ["food-101/images/apple_pie/1.jpg"],
+    "caltech101": ["caltech-101/101_ObjectCategories/accordion/image_0001.jpg"],
+    "sun397": ["sun397/SUN397/a/abbey/sun_a.jpg", "sun397/ClassName.txt", "sun397/Training_01.txt"],
+}
+
+
+def test_downloads_arrange_coop_layout(tmp_path, monkeypatch):
+    store = fake_archives(tmp_path)
+    requested = []
+
+    def fake_download_url(url, root, filename, md5=None):
+        requested.append((url, md5))
+        shutil.copy(store / filename, Path(root) / filename)
+    monkeypatch.setattr(data, "download_url", fake_download_url)
+    root = tmp_path / "data"
+    for name, expected in EXPECTED_AFTER_DOWNLOAD.items():
+        data.download_dataset(name, root)
+        assert all((root / p).is_file() for p in expected), name
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        data.DATASETS[n].dataset_dir for n in EXPECTED_AFTER_DOWNLOAD)  # no archives or temp folders left
+    assert not (root / "fgvc_aircraft" / "evaluation.m").exists()
+    assert all(url.startswith("http") and (md5 is None or len(md5) == 32) for url, md5 in requested)
+
+
+def test_download_failure_and_unsupported_dataset(tmp_path, monkeypatch):
+    def offline(url, root, filename, md5=None):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(data, "download_url", offline)
+    with pytest.raises(data.DataError, match="download of dtd failed: <urlopen error"):
+        data.build_dataset("dtd", tmp_path, download=True)
+    with pytest.raises(data.DataError, match="ucf101 cannot be downloaded automatically; get it from"):
+        data.download_dataset("ucf101", tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_split_files_are_gzip_of_the_published_bytes():
+    if SHARED.is_dir():
+        for coop_name in SPLIT_COUNTS:
+            shipped = gzip.decompress((data.SPLITS_DIR / f"split_zhou_{coop_name}.json.gz").read_bytes())
+            assert shipped == (SHARED / "splits" / f"split_zhou_{coop_name}.json").read_bytes()
+    assert sorted(p.name for p in data.SPLITS_DIR.glob("split_zhou_*.json.gz")) == sorted(
+        f"split_zhou_{c}.json.gz" for c in SPLIT_COUNTS)
+
+
+def test_ivlp_short_context_keeps_remaining_words_fixed(tiny):
+    """IVLP with 2 context tokens and "a photo of a": "a photo" is learned, "of a" stays in the prompt (MaPLe repo
+    IVLP 2+2 config)."""
+    ivlp = prompts.IVLP(tiny, CLASSNAMES, n_ctx_text=2, text_depth=1, n_ctx_vision=0)
+    assert ivlp.ctx.shape == (2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ivlp.encode_text(), plain_clip_text(tiny, "a photo of a {}."), rtol=TOL, atol=TOL)

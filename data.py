@@ -1,0 +1,917 @@
+"""Datasets, few-shot splits, transforms and loaders of the CoOp protocol, without Dassl.
+
+Reproduces the data protocol of CoOp ("Learning to Prompt for Vision-Language Models", arXiv:2109.01134v6)
+and CoCoOp ("Conditional Prompt Learning for Vision-Language Models", arXiv:2203.05557v2) as implemented
+in KaiyangZhou/CoOp @ ff61507c + KaiyangZhou/Dassl.pytorch v0.6.3 (c61a1b57): the same folders under one
+`--root`, the same split files, the same few-shot draw for the same seed (Python `random`, per label in
+first-appearance order), CoCoOp's base/new class halves, Dassl's transforms and loader settings. The
+domain-generalisation suites (PACS, VLCS, OfficeHome, DomainNet) follow MetaPrompt ("Learning Domain
+Invariant Prompt for Vision-Language Models", arXiv:2212.04196v2; Vill-Lab/2024-TIP-MetaPrompt @ ca996074).
+
+Folder layout under --root (CoOp's DATASETS.md; MetaPrompt's for the DG suites):
+    imagenet/images/{train,val}/<wnid>/*.JPEG  (+ classnames.txt, optional: a copy ships in splits/)
+    caltech-101/101_ObjectCategories/<class>/*.jpg      oxford_pets/images/*.jpg
+    stanford_cars/{cars_train,cars_test}/*.jpg           oxford_flowers/jpg/*.jpg
+    food-101/images/<class>/*.jpg                        fgvc_aircraft/{images/*.jpg, variants.txt,
+    sun397/{SUN397/<l>/<scene>/*.jpg, ClassName.txt,         images_variant_{train,val,test}.txt}
+            Training_01.txt, Testing_01.txt}             dtd/images/<class>/*.jpg
+    eurosat/2750/<Class>/*.jpg                           ucf101/UCF-101-midframes/<Action>/*.jpg
+    imagenetv2/imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg
+    imagenet-sketch/images/<wnid>/*   imagenet-adversarial/imagenet-a/<wnid>/*   imagenet-rendition/imagenet-r/<wnid>/*
+    pacs/{images/<domain>/<class>/*, splits/<domain>_{train,crossval}_kfold.txt}
+    vlcs/<DOMAIN>/{train,crossval,test}/<class folder>/*.jpg   (Dassl's archive calls the folder VLCS/)
+    office_home/<domain>/{train,val}/<Class>/*.jpg            (Dassl's archive calls it office_home_dg/)
+    domainnet/{<domain>/<class>/*.jpg, splits/<domain>_{train,test}.txt}
+A `split_zhou_<Name>.json` inside a dataset folder takes precedence over the copy shipped in splits/.
+
+Deliberate differences from CoOp:
+  * Files inside a class folder are read in sorted order (ImageNet and its variants, the DG folders).
+    CoOp uses unsorted `os.listdir`, so its ImageNet few-shot subsets depend on the file system and
+    cannot be reproduced elsewhere; ours are the same on every machine.
+  * Few-shot selections are cached as JSON with paths relative to the image folder (CoOp: pickles of
+    absolute paths), at the same place: <dataset folder>/split_fewshot/shot_{K}-seed_{S}.json
+    (DG suites: <target domain>_shot_{K}-seed_{S}.json; MetaPrompt prefixes the target's index).
+  * Test-only datasets (ImageNet-V2/-Sketch/-A/-R) return an empty train list (CoOp sets train = test).
+Not included: Dassl's other transforms (colour jitter, Gaussian noise, ...), the `repeat` option of
+few-shot sampling, multi-view (K_TRANSFORMS) loading, unlabelled/target-domain loaders.
+
+Shape legend: B images in a batch, H = W = image size.
+"""
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torchvision import transforms as T
+from torchvision.datasets.utils import download_file_from_google_drive, download_url, extract_archive
+
+SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # shipped split files and class lists
+
+# --- constants, with their source ---------------------------------------------------------------------
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CoOp configs INPUT.PIXEL_MEAN = openai/CLIP clip.py
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # CoOp configs INPUT.PIXEL_STD
+IMAGE_SIZE = 224  # CoOp configs INPUT.SIZE
+RRC_SCALE = (0.08, 1.0)  # Dassl defaults.py INPUT.RRCROP_SCALE (torchvision default)
+VAL_SHOTS_CAP = 4  # CoOp datasets/*.py: val few-shot uses min(num_shots, 4)
+P_TRAIN, P_VAL = 0.5, 0.2  # CoOp dtd.py read_and_split_data (rest is test)
+P_VAL_TRAINVAL = 0.2  # CoOp oxford_pets.py split_trainval
+GENERATED_SPLIT_SEED = 1  # our choice: seed of a split made here when CoOp's file is unavailable
+TRAIN_BATCH_SIZE = 32  # CoOp configs DATALOADER.TRAIN_X.BATCH_SIZE
+TEST_BATCH_SIZE = 100  # Dassl defaults.py DATALOADER.TEST.BATCH_SIZE
+NUM_WORKERS = 8  # CoOp configs DATALOADER.NUM_WORKERS
+PACS_ERROR_PATHS = ("sketch/dog/n02103406_4068-1.png",)  # MetaPrompt datasets/pacs.py: unreadable image
+VLCS_CLASSES = ("bird", "car", "chair", "dog", "person")  # MetaPrompt datasets/vlcs.py, label order
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # what counts as an image in class folders
+
+
+class DataError(ValueError):
+    """A user-facing data problem (missing folder, missing or corrupt image, bad name): one clear line."""
+
+
+class Datum(NamedTuple):
+    """One sample, as Dassl's `Datum`: absolute image path, 0-based label, class name, domain index."""
+
+    impath: str
+    label: int
+    classname: str
+    domain: int = 0
+
+
+class DatasetSplits(NamedTuple):
+    """What `build_dataset` returns; unpacks as `train, val, test, classnames = build_dataset(...)`."""
+
+    train: list
+    val: list
+    test: list
+    classnames: list
+
+
+# --- class names and prompt templates -------------------------------------------------------------------
+CALTECH_NEW_CNAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+EUROSAT_NEW_CNAMES = {  # CoOp datasets/eurosat.py NEW_CNAMES
+    "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
+    "SeaLake": "Sea or Lake",
+}
+
+
+def clean_classname(dataset, raw):
+    """Class name as CoOp stores it (`Datum.classname`), from the raw folder/annotation name.
+
+    caltech101/eurosat: CoOp's NEW_CNAMES; sun397: "a/apse/indoor" -> "indoor apse"; stanford_cars: the
+    trailing year moves to the front; ucf101: "ApplyEyeMakeup" -> "Apply_Eye_Makeup"; office_home: lower
+    case (Dassl digits_dg.py); every other dataset keeps the raw name.
+    """
+    if dataset == "caltech101":
+        return CALTECH_NEW_CNAMES.get(raw, raw)
+    if dataset == "eurosat":
+        return EUROSAT_NEW_CNAMES.get(raw, raw)
+    if dataset == "sun397":  # drop the letter folder; words like indoor/outdoor go first
+        return " ".join(raw.strip("/").split("/")[1:][::-1])
+    if dataset == "stanford_cars":
+        *words, year = raw.split(" ")
+        return " ".join([year, *words])
+    if dataset == "ucf101":
+        return "_".join(re.findall("[A-Z][^A-Z]*", raw))
+    if dataset == "office_home":
+        return raw.lower()
+    return raw
+
+
+def prompt_classname(classname):
+    """The name that goes into a prompt: every CoOp-family trainer replaces "_" by " "."""
+    return classname.replace("_", " ")
+
+
+# Zero-shot templates, CoOp trainers/zsclip.py CUSTOM_TEMPLATES (keyed there by the Dassl class name);
+# DG suites: MetaPrompt trainers/meta.py:200-204 (no final period there).
+CUSTOM_TEMPLATES = {
+    "OxfordPets": "a photo of a {}, a type of pet.", "OxfordFlowers": "a photo of a {}, a type of flower.",
+    "FGVCAircraft": "a photo of a {}, a type of aircraft.", "DescribableTextures": "{} texture.",
+    "EuroSAT": "a centered satellite photo of {}.", "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of {}, a type of food.", "SUN397": "a photo of a {}.", "Caltech101": "a photo of a {}.",
+    "UCF101": "a photo of a person doing {}.", "ImageNet": "a photo of a {}.", "ImageNetSketch": "a photo of a {}.",
+    "ImageNetV2": "a photo of a {}.", "ImageNetA": "a photo of a {}.", "ImageNetR": "a photo of a {}.",
+    "PACS": "a photo of a {}", "VLCS": "a photo of a {}", "OfficeHome": "a photo of a {}",
+    "DomainNet": "a photo of a {}", "Synthetic": "a photo of a {}.",
+}
+
+# The 80 templates of openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb, in order
+# (= CoOp trainers/imagenet_templates.py IMAGENET_TEMPLATES).
+IMAGENET_TEMPLATES = [
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
+    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
+    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+]
+# CoOp trainers/imagenet_templates.py IMAGENET_TEMPLATES_SELECT (used by ZeroshotCLIP2).
+IMAGENET_TEMPLATES_SELECT = [
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+]
+# PromptSRC / ProMetaR trainers/imagenet_templates.py: "a photo of a {}." first, then CLIP's first 60
+# templates without it (60 in all); their frozen teacher averages the text features over these.
+IMAGENET_TEMPLATES_PROMPTSRC = ["a photo of a {}."] + [t for t in IMAGENET_TEMPLATES[:60] if t != "a photo of a {}."]
+
+
+# --- the dataset table ---------------------------------------------------------------------------------
+class DatasetSpec(NamedTuple):
+    """Where a dataset lives and how its lists are read. Paths: dataset_dir under --root, image_dir under it."""
+
+    coop_name: str  # Dassl/CoOp class name; keys CUSTOM_TEMPLATES and the split_zhou_<coop_name>.json file
+    dataset_dir: str
+    image_dir: str  # split-file paths are relative to dataset_dir/image_dir
+    kind: str  # how the lists are read: split | fgvc | imagenet | imagenet_variant | pacs | vlcs | ...
+    url: str  # where to get it
+    layout: str  # expected layout, shown in errors
+    domains: tuple = ()  # DG suites only, in MetaPrompt's order (DATASET.ID indexes it)
+
+
+DATASETS = {
+    "imagenet": DatasetSpec("ImageNet", "imagenet", "images", "imagenet", "https://image-net.org/ (ILSVRC-2012)",
+                            "imagenet/images/{train,val}/<wnid>/*.JPEG (val re-organised into wnid folders)"),
+    "caltech101": DatasetSpec("Caltech101", "caltech-101", "101_ObjectCategories", "split",
+                              "https://data.caltech.edu/records/mzrjq-6wc02",
+                              "caltech-101/101_ObjectCategories/<class>/image_*.jpg"),
+    "oxford_pets": DatasetSpec("OxfordPets", "oxford_pets", "images", "split",
+                               "https://www.robots.ox.ac.uk/~vgg/data/pets/", "oxford_pets/images/<Breed>_<n>.jpg"),
+    "stanford_cars": DatasetSpec("StanfordCars", "stanford_cars", "", "split",
+                                 "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (mirrors: Kaggle)",
+                                 "stanford_cars/{cars_train,cars_test}/*.jpg"),
+    "oxford_flowers": DatasetSpec("OxfordFlowers", "oxford_flowers", "jpg", "split",
+                                  "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
+                                  "oxford_flowers/jpg/image_*.jpg"),
+    "food101": DatasetSpec("Food101", "food-101", "images", "split",
+                           "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/",
+                           "food-101/images/<class>/*.jpg"),
+    "fgvc_aircraft": DatasetSpec("FGVCAircraft", "fgvc_aircraft", "images", "fgvc",
+                                 "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
+                                 "fgvc_aircraft/{images/*.jpg, variants.txt, images_variant_{train,val,test}.txt}"
+                                 " (the data/ folder of the archive, renamed)"),
+    "sun397": DatasetSpec("SUN397", "sun397", "SUN397", "split", "https://vision.princeton.edu/projects/2010/SUN/",
+                          "sun397/{SUN397/<letter>/<scene>/*.jpg, ClassName.txt, Training_01.txt, Testing_01.txt}"),
+    "dtd": DatasetSpec("DescribableTextures", "dtd", "images", "split", "https://www.robots.ox.ac.uk/~vgg/data/dtd/",
+                       "dtd/images/<class>/<class>_*.jpg"),
+    "eurosat": DatasetSpec("EuroSAT", "eurosat", "2750", "split", "https://github.com/phelber/EuroSAT",
+                           "eurosat/2750/<Class>/<Class>_*.jpg"),
+    "ucf101": DatasetSpec("UCF101", "ucf101", "UCF-101-midframes", "split",
+                          "https://drive.google.com/file/d/10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O (CoOp's mid-frames)",
+                          "ucf101/UCF-101-midframes/<Action_Name>/v_*.jpg"),
+    "imagenetv2": DatasetSpec("ImageNetV2", "imagenetv2", "imagenetv2-matched-frequency-format-val",
+                              "imagenet_variant", "https://github.com/modestyachts/ImageNetV2 (matched-frequency)",
+                              "imagenetv2/imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg"),
+    "imagenet_sketch": DatasetSpec("ImageNetSketch", "imagenet-sketch", "images", "imagenet_variant",
+                                   "https://github.com/HaohanWang/ImageNet-Sketch",
+                                   "imagenet-sketch/images/<wnid>/* (the archive's sketch/ folder renamed images/)"),
+    "imagenet_a": DatasetSpec("ImageNetA", "imagenet-adversarial", "imagenet-a", "imagenet_variant",
+                              "https://github.com/hendrycks/natural-adv-examples",
+                              "imagenet-adversarial/imagenet-a/<wnid>/* (200 wnids)"),
+    "imagenet_r": DatasetSpec("ImageNetR", "imagenet-rendition", "imagenet-r", "imagenet_variant",
+                              "https://github.com/hendrycks/imagenet-r",
+                              "imagenet-rendition/imagenet-r/<wnid>/* (200 wnids)"),
+    "pacs": DatasetSpec("PACS", "pacs", "images", "pacs",
+                        "https://drive.google.com/uc?id=1m4X4fROCCXMO0lRLrr6Zz9Vb3974NWhE (Dassl's archive)",
+                        "pacs/{images/<domain>/<class>/*, splits/<domain>_{train,crossval}_kfold.txt}",
+                        ("art_painting", "cartoon", "photo", "sketch")),
+    "vlcs": DatasetSpec("VLCS", "vlcs", "", "vlcs",
+                        "https://drive.google.com/uc?id=1r0WL5DDqKfSPp9E3tRENwHaXNs1olLZd (Dassl's archive)",
+                        "vlcs/<CALTECH|LABELME|PASCAL|SUN>/{train,crossval,test}/<class folder>/*.jpg",
+                        ("caltech", "labelme", "pascal", "sun")),
+    "office_home": DatasetSpec("OfficeHome", "office_home", "", "office_home",
+                               "https://drive.google.com/uc?id=1gkbf_KaxoBws-GWT3XIPZ7BnkqbAxIFa (Dassl's archive)",
+                               "office_home/<domain>/{train,val}/<Class>/*.jpg",
+                               ("art", "clipart", "product", "real_world")),
+    "domainnet": DatasetSpec("DomainNet", "domainnet", "", "domainnet", "http://ai.bu.edu/M3SDA/ (cleaned splits)",
+                             "domainnet/{<domain>/<class>/*.jpg, splits/<domain>_{train,test}.txt}",
+                             ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
+    "synthetic": DatasetSpec("Synthetic", "synthetic", "images", "split", "made by make_synthetic_dataset()",
+                             "synthetic/{images/<class>/*.jpg, split_zhou_Synthetic.json}"),
+}
+TEST_ONLY = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+def get_spec(name):
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def zero_shot_template(name):
+    """CoOp's single zero-shot template for dataset `name` (e.g. "dtd" -> "{} texture.")."""
+    return CUSTOM_TEMPLATES[get_spec(name).coop_name]
+
+
+# --- small file helpers --------------------------------------------------------------------------------
+def read_json(path):
+    """Read a JSON file, gzip-compressed if its name ends in .gz."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json_atomic(obj, path):
+    """Write JSON as Dassl's write_json does (indent 4), via a temporary file and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=4, separators=(",", ": "))
+    os.replace(tmp, path)
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def list_images(folder):
+    """Image files of one folder, sorted (CoOp: unsorted os.listdir, see the module docstring)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def list_subfolders(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def shipped_or_local(folder, local_name, shipped_name):
+    """A file in the dataset folder takes precedence over the copy shipped in splits/."""
+    local = Path(folder) / local_name
+    return local if local.exists() else SPLITS_DIR / shipped_name
+
+
+# --- split files (CoOp OxfordPets.read_split / save_split, DTD.read_and_split_data) ----------------------
+def items_from_entries(entries, image_dir):
+    """[[relpath, label, classname(, domain)], ...] -> [Datum], paths made absolute under image_dir."""
+    return [Datum(os.path.join(image_dir, e[0]), int(e[1]), e[2], int(e[3]) if len(e) > 3 else 0) for e in entries]
+
+
+def entries_from_items(items, image_dir):
+    """[Datum] -> [[relpath, label, classname(, domain)]], relpaths relative to image_dir, "/" separated."""
+    def entry(d):
+        rel = Path(os.path.relpath(d.impath, image_dir)).as_posix()
+        return [rel, d.label, d.classname] + ([d.domain] if d.domain else [])
+    return [entry(d) for d in items]
+
+
+def read_split(path, image_dir):
+    """CoOp split JSON {"train"|"val"|"test": [[relpath, label, classname], ...]} -> (train, val, test)."""
+    split = read_json(path)
+    return tuple(items_from_entries(split[key], image_dir) for key in ("train", "val", "test"))
+
+
+def save_split(train, val, test, path, image_dir):
+    split = {key: entries_from_items(items, image_dir) for key, items in zip(("train", "val", "test"),
+                                                                            (train, val, test))}
+    write_json_atomic(split, path)
+
+
+def read_and_split_data(image_dir, rng, p_trn=P_TRAIN, p_val=P_VAL, dataset=""):
+    """CoOp DTD.read_and_split_data: per class folder (sorted), shuffle, first round(n*p_trn) train,
+    next round(n*p_val) val, rest test. Ours lists files sorted before shuffling (CoOp: unsorted)."""
+    train, val, test = [], [], []
+    for label, folder in enumerate(list_subfolders(image_dir)):
+        images = [os.path.join(image_dir, folder, f) for f in list_images(Path(image_dir) / folder)]
+        rng.shuffle(images)
+        n_train, n_val = round(len(images) * p_trn), round(len(images) * p_val)
+        classname = clean_classname(dataset, folder)
+        for part, paths in ((train, images[:n_train]), (val, images[n_train:n_train + n_val]),
+                            (test, images[n_train + n_val:])):
+            part.extend(Datum(p, label, classname) for p in paths)
+    return train, val, test
+
+
+def split_trainval(trainval, rng, p_val=P_VAL_TRAINVAL):
+    """CoOp OxfordPets.split_trainval: per label (first-appearance order) shuffle the indices, the first
+    round(n*p_val) go to val, the rest to train."""
+    by_label = {}
+    for idx, item in enumerate(trainval):
+        by_label.setdefault(item.label, []).append(idx)
+    train, val = [], []
+    for idxs in by_label.values():
+        n_val = round(len(idxs) * p_val)
+        rng.shuffle(idxs)
+        for n, idx in enumerate(idxs):
+            (val if n < n_val else train).append(trainval[idx])
+    return train, val
+
+
+def read_sun397_partition(folder, image_dir, text_file):
+    """CoOp SUN397.read_data: lines "/a/abbey/sun_x.jpg"; label = line index of the scene in ClassName.txt."""
+    cname2lab = {line.lstrip("/"): i for i, line in enumerate(read_lines(folder / "ClassName.txt"))}
+    items = []
+    for line in read_lines(folder / text_file):
+        relpath = line.lstrip("/")
+        scene = os.path.dirname(relpath)
+        items.append(Datum(os.path.join(image_dir, relpath), cname2lab[scene], clean_classname("sun397", scene)))
+    return items
+
+
+# --- Food101 / SUN397: CoOp's split files are not shipped (10 MB and 5 MB) -----------------------------------
+GDRIVE_SPLIT_IDS = {  # CoOp DATASETS.md Google Drive ids of split_zhou_<Name>.json
+    "food101": "1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl",
+    "sun397": "1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq",
+}
+
+
+def check_split_against_published(name, train, val, image_dir):
+    """Compare the few-shot draw on a downloaded split with the selection CoOp published for it
+    (splits/fewshot_check_<Name>.json.gz: shot_1-seed_1 of linzhiqiu/cross_modal_adaptation's indices/)."""
+    ref = read_json(SPLITS_DIR / f"fewshot_check_{get_spec(name).coop_name}.json.gz")
+    rng = random.Random(ref["seed"])
+    drawn = {"train": generate_fewshot(train, ref["shots"], rng)}
+    drawn["val"] = generate_fewshot(val, min(ref["shots"], VAL_SHOTS_CAP), rng)
+    for key in ("train", "val"):
+        if [e[0] for e in entries_from_items(drawn[key], image_dir)] != ref[key]["relpaths"]:
+            return False
+    return True
+
+
+def download_coop_split(name, folder, image_dir):
+    """Fetch CoOp's original split file from Google Drive and keep it only if it passes the published check."""
+    filename = f"split_zhou_{get_spec(name).coop_name}.json"
+    download_file_from_google_drive(GDRIVE_SPLIT_IDS[name], str(folder), filename)
+    train, val, _ = read_split(folder / filename, image_dir)
+    if not check_split_against_published(name, train, val, image_dir):
+        (folder / filename).unlink()
+        raise DataError(f"downloaded {filename} does not reproduce CoOp's published few-shot selection; removed it")
+    return folder / filename
+
+
+def generate_split(name, folder, image_dir):
+    """A split with CoOp's proportions from a fixed seed; saved next to the data, never mistaken for CoOp's."""
+    rng = random.Random(GENERATED_SPLIT_SEED)
+    if name == "sun397":  # test = the official Testing_01.txt, exactly as CoOp; train/val 80/20 of Training_01
+        train, val = split_trainval(read_sun397_partition(folder, image_dir, "Training_01.txt"), rng)
+        test = read_sun397_partition(folder, image_dir, "Testing_01.txt")
+    else:  # food101: random 50/20/30 of every class folder, as CoOp
+        train, val, test = read_and_split_data(image_dir, rng, dataset=name)
+    path = folder / f"split_generated_{get_spec(name).coop_name}.json"
+    save_split(train, val, test, path, image_dir)
+    return path
+
+
+def obtain_split(name, folder, image_dir, download):
+    """Split file of food101/sun397 when CoOp's is not in the folder: download it, or make one (with a warning)."""
+    if download:
+        try:
+            return download_coop_split(name, folder, image_dir)
+        except (OSError, RuntimeError) as e:  # no network, no gdown, quota exceeded
+            warnings.warn(f"could not download CoOp's split for {name} ({e}); generating one instead", stacklevel=3)
+    path = folder / f"split_generated_{get_spec(name).coop_name}.json"
+    if not path.exists():
+        path = generate_split(name, folder, image_dir)
+    warnings.warn(f"{name}: using {path.name}, made here from seed {GENERATED_SPLIT_SEED} with CoOp's proportions; "
+                  f"results are not comparable with published ones (get CoOp's file with --download)", stacklevel=3)
+    return path
+
+
+def find_split_file(name, folder, image_dir, download):
+    spec = get_spec(name)
+    local = folder / f"split_zhou_{spec.coop_name}.json"
+    shipped = SPLITS_DIR / f"split_zhou_{spec.coop_name}.json.gz"
+    if local.exists():
+        return local
+    if shipped.exists():
+        return shipped
+    if name in GDRIVE_SPLIT_IDS:
+        return obtain_split(name, folder, image_dir, download)
+    raise DataError(f"no split file for {name}: expected {local}")
+
+
+# --- per-dataset readers: (train, val, test) lists of Datum, plus the class names where a class list exists -
+def read_fgvc(folder, image_dir):
+    """CoOp FGVCAircraft: labels = line index in variants.txt; lines "<imageid> <variant name>"."""
+    classnames = read_lines(folder / "variants.txt")
+    cname2lab = {c: i for i, c in enumerate(classnames)}
+
+    def read(split):
+        lines = [line.split(" ", 1) for line in read_lines(folder / f"images_variant_{split}.txt")]
+        return [Datum(os.path.join(image_dir, f"{im}.jpg"), cname2lab[c], c) for im, c in lines]
+    return read("train"), read("val"), read("test"), classnames
+
+
+def read_imagenet_classnames(path):
+    """CoOp ImageNet.read_classnames: lines "<wnid> <class name>" -> {wnid: name}, file order."""
+    return dict(line.split(" ", 1) for line in read_lines(path))
+
+
+def read_class_folders(image_dir, folders, names):
+    """Images of class folder i get label i; all folders must exist."""
+    missing = [f for f in folders if not (Path(image_dir) / f).is_dir()]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(folders)} class folders missing in {image_dir}, e.g. {missing[0]}")
+    return [Datum(os.path.join(image_dir, f, im), label, name)
+            for label, (f, name) in enumerate(zip(folders, names)) for im in list_images(Path(image_dir) / f)]
+
+
+def read_imagenet(folder, image_dir):
+    """CoOp ImageNet: train = ILSVRC train, val = test = ILSVRC val; labels = sorted wnids."""
+    classnames = read_imagenet_classnames(shipped_or_local(folder, "classnames.txt", "imagenet_classnames.txt"))
+    wnids = sorted(classnames)
+    names = [classnames[w] for w in wnids]
+    train = read_class_folders(os.path.join(image_dir, "train"), wnids, names)
+    test = read_class_folders(os.path.join(image_dir, "val"), wnids, names)
+    return train, test, test, names
+
+
+def read_imagenet_variant(name, folder, image_dir):
+    """CoOp ImageNetV2/Sketch/A/R: test-only; A and R hold 200 classes, labelled 0..199 in sorted wnid order."""
+    if name in ("imagenet_a", "imagenet_r"):
+        classnames = read_imagenet_classnames(SPLITS_DIR / f"{name}_wnids.txt")
+    else:
+        classnames = read_imagenet_classnames(shipped_or_local(folder, "classnames.txt", "imagenet_classnames.txt"))
+    wnids = sorted(classnames)
+    folders = [str(i) for i in range(len(wnids))] if name == "imagenetv2" else wnids
+    names = [classnames[w] for w in wnids]
+    return [], [], read_class_folders(image_dir, folders, names), names
+
+
+def split_domains(spec, target):
+    """MetaPrompt: SOURCE_DOMAINS.pop(DATASET.ID); target given by name or by that index."""
+    domains = list(spec.domains)
+    if target is None or (str(target) not in domains and not str(target).isdigit()):
+        raise DataError(f"{spec.coop_name} needs a target domain (--target-domain), one of {', '.join(domains)}")
+    index = int(target) if str(target).isdigit() else domains.index(str(target))
+    if index >= len(domains):
+        raise DataError(f"target domain index {index} out of range for {spec.coop_name}: {', '.join(domains)}")
+    return domains[:index] + domains[index + 1:], domains[index]
+
+
+def read_dg_list_file(path, image_dir, domain, label_offset, name_part):
+    """Lines "<relpath> <label>" (PACS: 1-based labels; DomainNet: 0-based); class name = a path component."""
+    items = []
+    for line in read_lines(path):
+        relpath, label = line.rsplit(" ", 1)
+        if relpath not in PACS_ERROR_PATHS:
+            items.append(Datum(os.path.join(image_dir, relpath), int(label) - label_offset,
+                               relpath.split("/")[name_part], domain))
+    return items
+
+
+def read_dg_folders(split_dir, domain, classnames=None, dataset=""):
+    """Dassl DigitsDG/VLCS readers: label = index of the sorted class folder; files sorted (Dassl: glob order)."""
+    items = []
+    for label, folder in enumerate(list_subfolders(split_dir)):
+        name = classnames[label] if classnames else clean_classname(dataset, folder)
+        items += [Datum(os.path.join(split_dir, folder, im), label, name, domain)
+                  for im in list_images(Path(split_dir) / folder)]
+    return items
+
+
+def read_dg(name, folder, image_dir, target):
+    """Multi-source DG (MetaPrompt datasets/{pacs,vlcs,office_home,domainnet}.py): train/val = the source
+    domains (domain = index among the sources), test = the target domain (domain 0)."""
+    sources, target = split_domains(get_spec(name), target)
+
+    def read(domains, split):
+        out = []
+        for d, dname in enumerate(domains):
+            for s in split.split("+"):
+                if name == "pacs":
+                    out += read_dg_list_file(folder / "splits" / f"{dname}_{s}_kfold.txt", image_dir, d, 1, -2)
+                elif name == "domainnet":
+                    out += read_dg_list_file(folder / "splits" / f"{dname}_{s}.txt", image_dir, d, 0, 1)
+                elif name == "vlcs":
+                    out += read_dg_folders(folder / dname.upper() / s, d, classnames=VLCS_CLASSES)
+                else:
+                    out += read_dg_folders(folder / dname / s, d, dataset=name)
+        return out
+    val_split, test_split = {"pacs": ("crossval", "train+crossval"), "vlcs": ("crossval", "test"),
+                             "office_home": ("val", "train+val"), "domainnet": ("test", "test")}[name]
+    return read(sources, "train"), read(sources, val_split), read([target], test_split)
+
+
+def read_lists(name, folder, download=False, target=None):
+    """(train, val, test, classnames) of dataset `name` in `folder`, as CoOp/MetaPrompt read them."""
+    spec = get_spec(name)
+    image_dir = str(folder / spec.image_dir) if spec.image_dir else str(folder)
+    if spec.kind == "fgvc":
+        return read_fgvc(folder, image_dir)
+    if spec.kind == "imagenet":
+        return read_imagenet(folder, image_dir)
+    if spec.kind == "imagenet_variant":
+        return read_imagenet_variant(name, folder, image_dir)
+    if spec.kind == "split":
+        train, val, test = read_split(find_split_file(name, folder, image_dir, download), image_dir)
+    else:
+        train, val, test = read_dg(name, folder, image_dir, target)
+    return train, val, test, classnames_of(train, val, test)
+
+
+# --- few-shot sampling (Dassl DatasetBase.generate_fewshot_dataset) ------------------------------------------
+def generate_fewshot(items, k, rng):
+    """K items per class, drawn as Dassl does: for each label in order of first appearance,
+    `rng.sample(items_of_label, k)`; a class with fewer than k items gives all of them (with a warning).
+    DG lists are grouped by domain first, then label (MetaPrompt's _generate_fewshot_dataset); with a single
+    domain that is exactly Dassl's grouping.
+    `random.seed(S)` re-seeds the hidden `random.Random` instance behind the module functions, so
+    `random.Random(S)` gives the identical stream (the golden-file test checks it)."""
+    if k < 1:
+        return list(items)
+    groups = {}  # domain -> label -> items, in first-appearance order
+    for item in items:
+        groups.setdefault(item.domain, {}).setdefault(item.label, []).append(item)
+    out = []
+    for by_label in groups.values():
+        for label, members in by_label.items():
+            if len(members) < k:
+                warnings.warn(f"class {label} ({members[0].classname}) has {len(members)} images, "
+                              f"fewer than {k} shots: taking all of them (Dassl behaviour)", stacklevel=2)
+                out.extend(members)
+            else:
+                out.extend(rng.sample(members, k))
+    return out
+
+
+def fewshot_cache_path(folder, shots, seed, target=None):
+    prefix = f"{target}_" if target is not None else ""  # DG: one cache per held-out domain, as MetaPrompt
+    return Path(folder) / "split_fewshot" / f"{prefix}shot_{shots}-seed_{seed}.json"
+
+
+def load_or_sample_fewshot(path, image_dir, train, val, shots, seed, sample_val=True):
+    """CoOp's caching: an existing cache file wins; otherwise sample train then val (same stream) and save."""
+    if path.exists():
+        cached = read_json(path)
+        cached_val = items_from_entries(cached["val"], image_dir) if "val" in cached else val
+        return items_from_entries(cached["train"], image_dir), cached_val
+    rng = random.Random(seed)
+    train = generate_fewshot(train, shots, rng)
+    cache = {"train": entries_from_items(train, image_dir)}
+    if sample_val:  # CoOp ImageNet: only train is sampled (val = test)
+        val = generate_fewshot(val, min(shots, VAL_SHOTS_CAP), rng)
+        cache["val"] = entries_from_items(val, image_dir)
+    write_json_atomic(cache, path)
+    return train, val
+
+
+# --- base-to-new classes (CoCoOp OxfordPets.subsample_classes) ---------------------------------------------
+def subsample_classes(*lists, subsample="all"):
+    """CoCoOp: labels of the first list, sorted; base = the first ceil(n/2), new = the rest; every list keeps
+    the items of the selected classes (order kept), relabelled 0..m-1. "all" returns the lists unchanged."""
+    if subsample not in ("all", "base", "new"):
+        raise DataError(f"subsample must be all, base or new, not '{subsample}'")
+    if subsample == "all":
+        return lists
+    labels = sorted({item.label for item in lists[0]})
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subsample == "base" else labels[m:]
+    relabel = {y: i for i, y in enumerate(selected)}
+    return tuple([d._replace(label=relabel[d.label]) for d in items if d.label in relabel] for items in lists)
+
+
+# --- checks ----------------------------------------------------------------------------------------------
+def download_hint(name, root):
+    spec = get_spec(name)
+    if name in DOWNLOADERS:
+        how = f"get it with: python data.py --dataset {name} --root {root} --download"
+    else:
+        how = f"get it from {spec.url}"
+    return f"{how}; expected layout under the root: {spec.layout}"
+
+
+def check_folder(name, root, folder):
+    image_dir = folder / get_spec(name).image_dir
+    if not Path(root).is_dir():
+        raise DataError(f"data root {root} does not exist; {download_hint(name, root)}")
+    for what, path in (("dataset folder", folder), ("image folder", image_dir)):
+        if not path.is_dir():
+            raise DataError(f"{what} {path} not found; {download_hint(name, root)}")
+
+
+def check_images_exist(items, folder):
+    """Dassl asserts every listed image exists; we report how many are missing, never skip them."""
+    paths = sorted({d.impath for d in items})
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(paths)} images listed in the split are missing under {folder}, "
+                        f"e.g. {missing[0]}")
+
+
+def classnames_of(*lists):
+    """Class names by label, from the items (Dassl takes them from train_x, which holds every label)."""
+    mapping = {d.label: d.classname for items in lists for d in items}
+    if sorted(mapping) != list(range(len(mapping))):
+        raise DataError(f"labels are not 0..{len(mapping) - 1}: some classes have no image in any split")
+    return [mapping[i] for i in range(len(mapping))]
+
+
+def build_dataset(name, root, shots=16, seed=1, subsample="all", download=False, target_domain=None):
+    """The train/val/test lists and class names of `name`, exactly as CoOp (or MetaPrompt for DG) builds them.
+
+    shots < 1 keeps the full train/val lists (CoOp NUM_SHOTS = -1). Test-only datasets (ImageNet variants)
+    ignore shots and subsample. DG suites (pacs, vlcs, office_home, domainnet) need target_domain.
+    Returns DatasetSplits(train, val, test, classnames); classnames[label] for the (relabelled) labels.
+    """
+    spec = get_spec(name)
+    root = Path(root).expanduser()
+    folder = root / spec.dataset_dir
+    if download and not folder.is_dir():
+        download_dataset(name, root)
+    check_folder(name, root, folder)
+    train, val, test, classnames = read_lists(name, folder, download, target_domain)
+    if name not in TEST_ONLY:
+        if shots >= 1:
+            image_dir = str(folder / spec.image_dir) if spec.image_dir else str(folder)
+            target = split_domains(spec, target_domain)[1] if spec.domains else None
+            path = fewshot_cache_path(folder, shots, seed, target)
+            train, val = load_or_sample_fewshot(path, image_dir, train, val, shots, seed, name != "imagenet")
+        names = [Datum("", label, c) for label, c in enumerate(classnames)]  # relabelled along with the lists
+        train, val, test, names = subsample_classes(train, val, test, names, subsample=subsample)
+        classnames = [d.classname for d in names]
+    check_images_exist(train + val + test, folder)
+    return DatasetSplits(train, val, test, classnames)
+
+
+# --- images, transforms, loaders -----------------------------------------------------------------------------
+def read_image(path):
+    """PIL decode to RGB (Dassl read_image); a file that cannot be decoded raises DataError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def build_transform(train, size=IMAGE_SIZE):
+    """Dassl transforms.py with CoOp's INPUT config; output (3, size, size) float tensors, CLIP-normalised."""
+    normalize = T.Normalize(CLIP_MEAN, CLIP_STD)
+    bicubic = T.InterpolationMode.BICUBIC
+    if train:  # "random_resized_crop", "random_flip", "normalize"
+        return T.Compose([T.RandomResizedCrop(size, scale=RRC_SCALE, interpolation=bicubic),
+                          T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    return T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(), normalize])
+
+
+class ImageListDataset(Dataset):
+    """A list of Datum as a torch Dataset; item = {"img": (3, H, W), "label", "domain", "index"}."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform = list(items), transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        d = self.items[index]
+        img = self.transform(read_image(d.impath))  # (3, H, W)
+        return {"img": img, "label": d.label, "domain": d.domain, "index": index}
+
+
+def build_loader(items, train, batch_size=None, size=IMAGE_SIZE, num_workers=NUM_WORKERS, seed=None):
+    """Dassl build_data_loader: train = RandomSampler (torch Generator seeded with `seed`) and
+    drop_last = len(items) >= batch_size; test = sequential, batch 100. Batches: {"img": (B, 3, H, W),
+    "label": (B,), "domain": (B,), "index": (B,)}. Workers, pinned memory on CUDA, persistent workers."""
+    batch_size = batch_size or (TRAIN_BATCH_SIZE if train else TEST_BATCH_SIZE)
+    dataset = ImageListDataset(items, build_transform(train, size))
+    if train:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        sampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      drop_last=train and len(dataset) >= batch_size)
+
+
+def benchmark_loader(items, size=IMAGE_SIZE, batch_size=TRAIN_BATCH_SIZE, num_workers=2, n_batches=20):
+    """Images per second of the train pipeline (decode + train transform + collate), after one warm-up batch."""
+    loader = build_loader(items, train=True, batch_size=batch_size, size=size, num_workers=num_workers, seed=0)
+    n_images, start = 0, None
+    while n_images < n_batches * batch_size:
+        for batch in loader:
+            if start is None:  # first batch: worker start-up, not throughput
+                start = time.perf_counter()
+                continue
+            n_images += batch["img"].shape[0]
+            if n_images >= n_batches * batch_size:
+                break
+    return n_images / (time.perf_counter() - start)
+
+
+# --- synthetic data ----------------------------------------------------------------------------------------
+SYNTHETIC_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SYNTHETIC_SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(colour, shape, image_size, rng):
+    """One image: a coloured shape at a random place and size on a random pale background."""
+    w, h = image_size
+    img = Image.new("RGB", (w, h), tuple(rng.randint(150, 255) for _ in range(3)))
+    r = rng.randint(min(w, h) // 6, min(w, h) // 3)
+    cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
+    draw = ImageDraw.Draw(img)
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return img
+
+
+def make_synthetic_dataset(root, n_classes=6, n_per_class=10, image_size=(32, 32), seed=0):
+    """Write a DTD-like dataset `<root>/synthetic/{images/<colour_shape>/*.jpg, split_zhou_Synthetic.json}`
+    (classes like "red_circle", CoOp's 50/20/30 split); deterministic for a seed.
+    Returns the class names in label order (sorted folder names, as read_and_split_data labels them)."""
+    rng = random.Random(seed)
+    classnames = sorted([f"{c}_{s}" for s in SYNTHETIC_SHAPES for c in SYNTHETIC_COLOURS][:n_classes])
+    folder = Path(root) / "synthetic"
+    image_dir = folder / "images"
+    for name in classnames:
+        colour, shape = name.split("_")
+        (image_dir / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            draw_shape(SYNTHETIC_COLOURS[colour], shape, image_size, rng).save(
+                image_dir / name / f"{name}_{i:04d}.jpg", quality=90)
+    train, val, test = read_and_split_data(str(image_dir), rng)
+    save_split(train, val, test, folder / "split_zhou_Synthetic.json", str(image_dir))
+    return classnames
+
+
+# --- downloads (torchvision's download utilities; md5 checked where the publisher gives one) -----------------
+def fetch(url, downloads, md5=None):
+    """Download one file into `downloads` (md5 verified by torchvision) and return its path."""
+    filename = url.rsplit("/", 1)[-1]
+    download_url(url, str(downloads), filename, md5)
+    return Path(downloads) / filename
+
+
+def fetch_extract(url, downloads, dest, md5=None):
+    archive = fetch(url, downloads, md5)
+    extract_archive(str(archive), str(dest), remove_finished=True)
+
+
+def download_dtd(root, tmp):
+    fetch_extract("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz", tmp, root,
+                  "fff73e5086ae6bdbea199a49dfb8a4c1")  # archive holds dtd/{images,imdb,labels}
+
+
+def download_eurosat(root, tmp):  # torchvision's mirror of the RGB release; the archive holds 2750/
+    fetch_extract("https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
+                  "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip", tmp, root / "eurosat",
+                  "c8fa014336c82ac7804f0398fcb19387")
+
+
+def download_oxford_pets(root, tmp):
+    base = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
+    fetch_extract(base + "images.tar.gz", tmp, root / "oxford_pets", "5c4f3ee8e5d25df40f4fd59a7f44e54c")
+    fetch_extract(base + "annotations.tar.gz", tmp, root / "oxford_pets", "95a8c909bbe2e81eed6a22bccdf3f68f")
+
+
+def download_oxford_flowers(root, tmp):
+    base = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+    fetch_extract(base + "102flowers.tgz", tmp, root / "oxford_flowers", "52808999861908f626f3c1f4e79d11fa")
+    shutil.move(str(fetch(base + "imagelabels.mat", tmp, "e0620be6f572b9609742df49c70aed4d")),
+                str(root / "oxford_flowers" / "imagelabels.mat"))
+
+
+def download_fgvc_aircraft(root, tmp):  # CoOp: keep only data/ of the archive, renamed fgvc_aircraft/
+    fetch_extract("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+                  tmp, tmp)  # the publisher gives no checksum
+    shutil.move(str(tmp / "fgvc-aircraft-2013b" / "data"), str(root / "fgvc_aircraft"))
+
+
+def download_food101(root, tmp):  # the archive holds food-101/{images,meta}
+    fetch_extract("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", tmp, root, "85eeb15f3717b99a5da872d97d918f87")
+
+
+def download_caltech101(root, tmp):  # a zip holding caltech-101/101_ObjectCategories.tar.gz
+    fetch_extract("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip", tmp, tmp,
+                  "3138e1922a9193bfa496528edbbc45d0")
+    extract_archive(str(tmp / "caltech-101" / "101_ObjectCategories.tar.gz"), str(root / "caltech-101"))
+
+
+def download_sun397(root, tmp):
+    folder = root / "sun397"
+    fetch_extract("http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz", tmp, folder,
+                  "8ca2778205c41d23104230ba66911c7a")
+    fetch_extract("https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip", tmp, tmp)
+    partitions = tmp / "Partitions" if (tmp / "Partitions").is_dir() else tmp
+    for name in ["ClassName.txt", "Training_01.txt", "Testing_01.txt"]:
+        shutil.move(str(partitions / name), str(folder / name))
+
+
+DOWNLOADERS = {
+    "dtd": download_dtd, "eurosat": download_eurosat, "oxford_pets": download_oxford_pets,
+    "oxford_flowers": download_oxford_flowers, "fgvc_aircraft": download_fgvc_aircraft,
+    "food101": download_food101, "caltech101": download_caltech101, "sun397": download_sun397,
+}
+
+
+def download_dataset(name, root):
+    """Fetch, verify and extract `name` into the CoOp layout under root (work files in a temporary folder)."""
+    if name not in DOWNLOADERS:
+        raise DataError(f"{name} cannot be downloaded automatically; {download_hint(name, root)}")
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        try:
+            DOWNLOADERS[name](root, Path(tmp))
+        except (OSError, RuntimeError) as e:  # network errors are URLError (an OSError); md5 -> RuntimeError
+            raise DataError(f"download of {name} failed: {e}; {download_hint(name, root)}") from None
+
+
+# --- command line --------------------------------------------------------------------------------------------
+def summary(name, splits):
+    n_cls = len(splits.classnames)
+    shown = ", ".join(prompt_classname(c) for c in splits.classnames[:5]) + (", ..." if n_cls > 5 else "")
+    return (f"{name}: {n_cls} classes ({shown})\n"
+            f"train {len(splits.train)} | val {len(splits.val)} | test {len(splits.test)}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Build a CoOp-protocol dataset split and print a summary.")
+    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--root", required=True, help="data root holding the CoOp dataset folders")
+    p.add_argument("--shots", type=int, default=16, help="K images per class (CoOp NUM_SHOTS; <1: all)")
+    p.add_argument("--seed", type=int, default=1, help="few-shot seed (papers: 1, 2, 3)")
+    p.add_argument("--subsample", default="all", choices=["all", "base", "new"], help="CoCoOp class half")
+    p.add_argument("--target-domain", default=None, help="DG suites: held-out domain (name or MetaPrompt ID)")
+    p.add_argument("--download", action="store_true", help="fetch and extract the dataset if it is missing")
+    p.add_argument("--benchmark", action="store_true", help="also measure train-loader images/second")
+    p.add_argument("--num-workers", type=int, default=2, help="loader workers for --benchmark")
+    args = p.parse_args(argv)
+    try:
+        splits = build_dataset(args.dataset, args.root, args.shots, args.seed, args.subsample, args.download,
+                               args.target_domain)
+        print(summary(args.dataset, splits))
+        if args.benchmark:
+            print(f"train loader: {benchmark_loader(splits.train, num_workers=args.num_workers):.1f} images/s")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Prompt learners for a frozen CLIP: zero-shot templates, CoOp, IVLP, and PromptSRC's self-regularization.
+
+Papers:
+  - CoOp: Zhou et al., "Learning to Prompt for Vision-Language Models", arXiv:2109.01134v6 (Sec. 3.2).
+  - IVLP: Khattak et al., "MaPLe: Multi-modal Prompt Learning", arXiv:2210.03117v3 (Sec. 4, "Independent V-L
+    prompting", the baseline of PromptSRC and the base of ProMetaR).
+  - PromptSRC: Khattak et al., "Self-regulating Prompts: Foundational Model Adaptation without Forgetting",
+    arXiv:2307.06948v2 (Sec. 3.2: L1 consistency, KL to zero-shot logits; Sec. 3.3: Gaussian prompt aggregation).
+Each learner is an `nn.Module` whose only trainable parameters are prompts; the CLIP it wraps is frozen. Class-list
+dependent tensors (token embeddings around the prompts, frozen teacher text features) are computed once, when the
+learner is built for a class list; to evaluate on other classes, build a learner for them and load the prompts.
+Not included: CoCoOp's meta-net and MaPLe's coupling functions (not needed by ProMetaR, MetaPrompt or GRAM).
+
+Shape legend: B images, C classes, M prompt tokens, L token length, D text width, Dv vision width, E embed dim,
+K templates.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+
+PROMPT_INIT_STD = 0.02  # CoOp coop.py random ctx init; IVLP/PromptSRC/ProMetaR deep and vision prompts
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")  # CoOp coop.py CLASS_TOKEN_POSITION
+
+
+def clean_classname(name: str) -> str:
+    """Every CoOp-family trainer replaces "_" by " " in class names before building prompts."""
+    return name.replace("_", " ")
+
+
+def freeze(clip: nn.Module) -> nn.Module:
+    """Prompt learning never updates CLIP's weights (CoOp Sec. 3.2)."""
+    return clip.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def template_text_features(clip, classnames, templates, average: str = "normalized") -> torch.Tensor:
+    """Frozen CLIP text features of each class, averaged over templates; returns (C, E), L2-normalised.
+
+    average="normalized": normalise per template, average, renormalise (CLIP's ImageNet ensemble, CoOp ZeroshotCLIP2).
+    average="raw": average the unnormalised features, then normalise (PromptSRC / ProMetaR frozen text teacher,
+    promptsrc.py `fixed_embeddings`).
+    """
+    device = clip.positional_embedding.device
+    per_template = []
+    for template in templates:
+        text = clip_model.tokenize([template.format(clean_classname(c)) for c in classnames],
+                                   context_length=clip.context_length).to(device)  # (C, L)
+        features = clip.encode_text(text)  # (C, E)
+        per_template.append(F.normalize(features, dim=-1) if average == "normalized" else features)
+    return F.normalize(torch.stack(per_template).mean(0), dim=-1)  # (C, E)
+
+
+def clip_logits(clip, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """CLIP's cosine-similarity logits with its own (frozen) temperature: (B, E), (C, E) -> (B, C)."""
+    return clip.logit_scale.exp() * image_features @ text_features.t()
+
+
+class ZeroShotCLIP(nn.Module):
+    """Hand-made prompts: one template per dataset (CoOp zsclip.py CUSTOM_TEMPLATES) or an ensemble (ImageNet)."""
+
+    def __init__(self, clip, classnames, templates):
+        super().__init__()
+        self.clip = freeze(clip)
+        self.register_buffer("text_features", template_text_features(clip, classnames, templates), persistent=False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E)
+
+    def encode_text(self) -> torch.Tensor:
+        return self.text_features  # (C, E)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return clip_logits(self.clip, self.encode_image(images), self.text_features)  # (B, C)
+
+
+def word_embeddings(clip, words: str, n_ctx: int | None = None) -> torch.Tensor:
+    """Token embeddings of the first n_ctx tokens of `words` (all by default), e.g. "a photo of a" -> (4, D)
+    (CoOp / IVLP ctx_init: the context starts as these words; any further words stay fixed in the prompt)."""
+    ids = clip_model.tokenize(words, context_length=clip.context_length)[0]  # (L,)
+    n_words = int(ids.argmax()) - 1  # tokens between SOT and EOT
+    n_ctx = n_words if n_ctx is None else n_ctx
+    if n_ctx > n_words:
+        raise ValueError(f"ctx_init {words!r} has {n_words} tokens, fewer than n_ctx={n_ctx}")
+    with torch.no_grad():
+        return clip.token_embedding(ids[1:1 + n_ctx].to(clip.positional_embedding.device)).clone()  # (M, D)
+
+
+class TextPrompts(nn.Module):
+    """The class-list side of a learned text prompt "X X ... X {class}.": the frozen token embeddings around the
+    context (CoOp coop.py `token_prefix` / `token_suffix`), cut after the longest end-of-text token (exact under the
+    causal mask, see `clip_model.CLIP.encode_text_embeddings`)."""
+
+    def __init__(self, clip, classnames, n_ctx: int, prompt_prefix: str | None = None):
+        super().__init__()
+        names = [clean_classname(c) for c in classnames]
+        prompt_prefix = prompt_prefix or " ".join(["X"] * n_ctx)  # words after the first n_ctx stay fixed
+        tokenized = clip_model.tokenize([f"{prompt_prefix} {name}." for name in names],
+                                        context_length=clip.context_length)  # (C, L)
+        tokenized = tokenized.to(clip.positional_embedding.device)
+        self.n_ctx = n_ctx
+        self.register_buffer("eot_idx", tokenized.argmax(-1), persistent=False)  # (C,)
+        self.name_lens = [len(clip_model._tokenizer().encode(name)) for name in names]
+        length = int(self.eot_idx.max()) + 1
+        with torch.no_grad():
+            embedding = clip.token_embedding(tokenized[:, :length])  # (C, L', D)
+        self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # (C, 1, D) SOT
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)  # (C, L'-1-M, D)
+
+    def assemble(self, ctx: torch.Tensor, position: str = "end") -> torch.Tensor:
+        """Prompt embeddings (C, L', D) from the context ctx (M, D) shared or (C, M, D) class-specific (CoOp Eq. 2)."""
+        n_cls = self.token_prefix.shape[0]
+        ctx = ctx.to(self.token_prefix.dtype).expand(n_cls, -1, -1)  # (C, M, D)
+        if position == "end":  # [SOS][ctx][name.][EOS]
+            return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (C, L', D)
+        prompts = []  # name lengths differ per class: CoOp builds middle/front prompts class by class
+        half = self.n_ctx // 2
+        for i, n in enumerate(self.name_lens):
+            name, rest = self.token_suffix[i:i + 1, :n], self.token_suffix[i:i + 1, n:]  # (1, n, D), (1, *, D)
+            parts = [ctx[i:i + 1, :half], name, ctx[i:i + 1, half:]] if position == "middle" else [name, ctx[i:i + 1]]
+            prompts.append(torch.cat([self.token_prefix[i:i + 1], *parts, rest], dim=1))  # (1, L', D)
+        return torch.cat(prompts, dim=0)  # (C, L', D)
+
+
+class CoOp(nn.Module):
+    """CoOp: n_ctx learned context vectors in front of (or around) the class name, text side only (CoOp Sec. 3.2).
+
+    Args:
+        n_ctx: number of context vectors M (CoOp: 16). Ignored when `ctx_init` is given (M = its word count).
+        ctx_init: words to initialise the context from ("a photo of a"); None = N(0, 0.02) random init.
+        class_specific: one context per class (CoOp "CSC") instead of one shared context; random init only
+            (CoOp keeps a word-initialised context generic).
+        class_token_position: "end", "middle" or "front".
+    """
+
+    def __init__(self, clip, classnames, n_ctx: int = 16, ctx_init: str | None = None,
+                 class_specific: bool = False, class_token_position: str = "end"):
+        super().__init__()
+        if class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise ValueError(f"class_token_position must be one of {CLASS_TOKEN_POSITIONS}")
+        self.clip = freeze(clip)
+        self.class_token_position = class_token_position
+        if ctx_init:  # CoOp coop.py: a word-initialised context is generic, even with class_specific
+            ctx = word_embeddings(clip, ctx_init)  # (M, D); M = number of words
+        else:
+            shape = (len(classnames), n_ctx, clip.ln_final.weight.shape[0]) if class_specific else \
+                (n_ctx, clip.ln_final.weight.shape[0])
+            ctx = torch.randn(shape, device=clip.positional_embedding.device) * PROMPT_INIT_STD
+        self.ctx = nn.Parameter(ctx)  # (M, D) or (C, M, D)
+        self.text = TextPrompts(clip, classnames, self.ctx.shape[-2], ctx_init)
+
+    def encode_text(self) -> torch.Tensor:
+        x = self.text.assemble(self.ctx, self.class_token_position)  # (C, L', D)
+        return F.normalize(self.clip.encode_text_embeddings(x, self.text.eot_idx), dim=-1)  # (C, E)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.clip.encode_image(images)  # (B, E)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return clip_logits(self.clip, self.encode_image(images), self.encode_text())  # (B, C)
+
+
+def deep_prompt_list(n_layers: int, n_tokens: int, width: int, device) -> nn.ParameterList:
+    """One (M, W) prompt per transformer block 1..n_layers, N(0, 0.02) (IVLP / ProMetaR `VPT_shallow`)."""
+    return nn.ParameterList([nn.Parameter(torch.randn(n_tokens, width, device=device) * PROMPT_INIT_STD)
+                             for _ in range(n_layers)])
+
+
+class IVLP(nn.Module):
+    """Independent vision-language deep prompts (MaPLe Sec. 4 baseline; PromptSRC's and ProMetaR's prompt model).
+
+    Text: the context "a photo of a" (M_t tokens, trainable) at positions 1..M_t, and a fresh (M_t, D) prompt
+    replacing those positions before each block 1..text_depth-1. Vision: M_v tokens appended after [CLS, patches]
+    (after the positional embedding), and a fresh (M_v, Dv) prompt replacing them before blocks 1..vision_depth-1.
+    Defaults: ProMetaR / PromptSRC base-to-new config (4+4 tokens, depth 9/9; prometar.md Sec. 2).
+    """
+
+    def __init__(self, clip, classnames, n_ctx_text: int = 4, n_ctx_vision: int = 4, text_depth: int = 9,
+                 vision_depth: int = 9, ctx_init: str | None = "a photo of a"):
+        super().__init__()
+        self.clip = freeze(clip)
+        device, width = clip.positional_embedding.device, clip.ln_final.weight.shape[0]
+        vision_width = clip.visual.conv1.weight.shape[0]
+        ctx = word_embeddings(clip, ctx_init, n_ctx_text) if ctx_init else \
+            torch.randn(n_ctx_text, width, device=device) * PROMPT_INIT_STD
+        self.ctx = nn.Parameter(ctx)  # (M_t, D)
+        self.text_deep_prompts = deep_prompt_list(text_depth - 1, self.ctx.shape[0], width, device)
+        self.vision_ctx = nn.Parameter(torch.randn(n_ctx_vision, vision_width, device=device) * PROMPT_INIT_STD) \
+            if n_ctx_vision else None  # (M_v, Dv); n_ctx_vision=0: a text-only learner
+        self.vision_deep_prompts = deep_prompt_list(vision_depth - 1 if n_ctx_vision else 0, n_ctx_vision,
+                                                    vision_width, device)
+        self.text = TextPrompts(clip, classnames, n_ctx_text, ctx_init)
+
+    def encode_text(self) -> torch.Tensor:
+        x = self.text.assemble(self.ctx)  # (C, L', D)
+        features = self.clip.encode_text_embeddings(x, self.text.eot_idx, deep_prompts=list(self.text_deep_prompts))
+        return F.normalize(features, dim=-1)  # (C, E)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.clip.encode_image(images, prompts=self.vision_ctx,
+                                          deep_prompts=list(self.vision_deep_prompts))  # (B, E)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return clip_logits(self.clip, self.encode_image(images), self.encode_text())  # (B, C)
+
+
+def prompt_parameters(learner: nn.Module) -> dict:
+    """{name: tensor} of the trainable prompts: what is optimised, checkpointed and meta-learned."""
+    return {name: p for name, p in learner.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PromptSRC self-regularization (arXiv:2307.06948v2 Sec. 3.2-3.3), as separate functions
+
+
+class FrozenTeacher(nn.Module):
+    """PromptSRC's frozen CLIP targets: template-ensemble text features, computed once for the class list, and
+    the frozen image features and zero-shot logits of the same (augmented) batch."""
+
+    def __init__(self, clip, classnames, templates):
+        super().__init__()
+        self.clip = freeze(clip)
+        features = template_text_features(clip, classnames, templates, average="raw")  # (C, E)
+        self.register_buffer("text_features", features, persistent=False)
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E)
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        return clip_logits(self.clip, image_features, self.text_features)  # (B, C)
+
+
+def consistency_l1(prompted: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """PromptSRC Eq. (2)/(3): mean absolute difference of L2-normalised prompted and frozen features."""
+    return F.l1_loss(prompted, frozen.to(prompted.dtype), reduction="mean")
+
+
+def kl_to_zero_shot(logits: torch.Tensor, zero_shot_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """PromptSRC Eq. (4): KL(p_zero-shot || p_prompted) of the softened class distributions, summed over classes,
+    averaged over the batch, times T^2 (promptsrc.py: `F.kl_div(log_softmax(logits/T), log_softmax(zs/T),
+    reduction="sum", log_target=True) * T*T / logits.numel()`, see the note there on `numel`)."""
+    log_p = F.log_softmax(logits / temperature, dim=-1)  # (B, C)
+    log_q = F.log_softmax(zero_shot_logits.to(logits.dtype) / temperature, dim=-1)  # (B, C)
+    kl = F.kl_div(log_p, log_q, reduction="sum", log_target=True)
+    return kl * temperature ** 2 / logits.numel()
+
+
+def gaussian_epoch_weights(n_epochs: int, mean: float, std: float) -> torch.Tensor:
+    """PromptSRC Sec. 3.3 (Gaussian prompt aggregation): weight of the prompts after epoch e = 1..n_epochs,
+    w_e proportional to exp(-(e - mean)^2 / (2 std^2)), normalised to sum 1. Returns (n_epochs,)."""
+    epochs = torch.arange(1, n_epochs + 1, dtype=torch.float64)
+    weights = torch.exp(-(epochs - mean) ** 2 / (2 * std ** 2)) / (std * math.sqrt(2 * math.pi))
+    return weights / weights.sum()
+
+
+def aggregate_prompts(snapshots: list, weights: torch.Tensor) -> dict:
+    """Gaussian-weighted average of per-epoch prompt snapshots [{name: tensor}, ...] (PromptSRC Eq. (5))."""
+    return {name: sum(float(w) * snap[name] for w, snap in zip(weights, snapshots, strict=True))
+            for name in snapshots[0]}
