@@ -740,6 +740,7 @@ def build_loader(items, train, batch_size=None, size=IMAGE_SIZE, num_workers=NUM
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      generator=generator if train else None,  # also seeds the workers' augmentations
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       drop_last=train and len(dataset) >= batch_size)
 
@@ -757,6 +758,25 @@ def benchmark_loader(items, size=IMAGE_SIZE, batch_size=TRAIN_BATCH_SIZE, num_wo
             if n_images >= n_batches * batch_size:
                 break
     return n_images / (time.perf_counter() - start)
+
+
+# --- metrics (Dassl evaluator.py Classification; CoCoOp base-to-new harmonic mean) -------------------------------
+def classification_metrics(y_true, y_pred):
+    """Accuracy (micro, %) and macro-F1 (%) over the classes present in y_true, as Dassl's evaluator
+    (sklearn f1_score(average="macro", labels=np.unique(y_true)); a class never predicted has F1 0)."""
+    y_true, y_pred = torch.as_tensor(y_true), torch.as_tensor(y_pred)
+    f1s = []
+    for c in torch.unique(y_true):
+        tp = ((y_pred == c) & (y_true == c)).sum().item()
+        fp = ((y_pred == c) & (y_true != c)).sum().item()
+        fn = ((y_pred != c) & (y_true == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": 100.0 * (y_true == y_pred).float().mean().item(), "macro_f1": 100.0 * sum(f1s) / len(f1s)}
+
+
+def harmonic_mean(base, new):
+    """HM of base and new accuracy (CoCoOp Sec. 4.1): the headline number of the base-to-new tables."""
+    return 2 * base * new / (base + new) if base + new else 0.0
 
 
 # --- synthetic data ----------------------------------------------------------------------------------------

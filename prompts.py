@@ -215,6 +215,19 @@ def prompt_parameters(learner: nn.Module) -> dict:
     return {name: p for name, p in learner.named_parameters() if p.requires_grad}
 
 
+def load_prompts(learner: nn.Module, state: dict) -> None:
+    """Load trained prompts into a learner built for any class list; every prompt must be there, nothing else."""
+    expected = prompt_parameters(learner)
+    if set(state) != set(expected):
+        raise ValueError(f"checkpoint prompts {sorted(state)} do not match the learner's {sorted(expected)}")
+    with torch.no_grad():
+        for name, value in state.items():
+            if value.shape != expected[name].shape:
+                raise ValueError(f"prompt {name}: checkpoint shape {tuple(value.shape)}, learner "
+                                 f"{tuple(expected[name].shape)} (class-specific contexts cannot change classes)")
+            expected[name].copy_(value)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # PromptSRC self-regularization (arXiv:2307.06948v2 Sec. 3.2-3.3), as separate functions
 
@@ -264,3 +277,38 @@ def aggregate_prompts(snapshots: list, weights: torch.Tensor) -> dict:
     """Gaussian-weighted average of per-epoch prompt snapshots [{name: tensor}, ...] (PromptSRC Eq. (5))."""
     return {name: sum(float(w) * snap[name] for w, snap in zip(weights, snapshots, strict=True))
             for name in snapshots[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building a learner by method name, and batched prediction (shared by train.py and eval.py)
+
+METHODS = ("zeroshot", "coop", "ivlp", "promptsrc")
+
+
+def build_learner(method: str, clip, classnames, templates, *, n_ctx: int = 16, ctx_init: str | None = None,
+                  class_specific: bool = False, class_token_position: str = "end", n_ctx_text: int = 4,
+                  n_ctx_vision: int = 4, text_depth: int = 9, vision_depth: int = 9) -> nn.Module:
+    """The prompt learner of `method` for a class list. PromptSRC's prompts are IVLP's (its regularizers are
+    training losses, see `FrozenTeacher`); zero-shot uses `templates`."""
+    if method == "zeroshot":
+        return ZeroShotCLIP(clip, classnames, templates)
+    if method == "coop":
+        return CoOp(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, class_specific=class_specific,
+                    class_token_position=class_token_position)
+    if method in ("ivlp", "promptsrc"):
+        return IVLP(clip, classnames, n_ctx_text=n_ctx_text, n_ctx_vision=n_ctx_vision, text_depth=text_depth,
+                    vision_depth=vision_depth, ctx_init=ctx_init)
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+@torch.no_grad()
+def predict(learner: nn.Module, loader, device, autocast: bool = False):
+    """Labels and arg-max predictions over a loader of {"img", "label"} batches. Returns two (N,) tensors."""
+    learner.eval()
+    labels, preds = [], []
+    for batch in loader:
+        with torch.autocast(device_type=torch.device(device).type, enabled=autocast):
+            logits = learner(batch["img"].to(device, non_blocking=True))  # (B, C)
+        labels.append(batch["label"])
+        preds.append(logits.argmax(-1).cpu())
+    return torch.cat(labels), torch.cat(preds)
