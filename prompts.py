@@ -16,6 +16,7 @@ K templates.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,19 @@ def template_text_features(clip, classnames, templates, average: str = "normaliz
     return F.normalize(torch.stack(per_template).mean(0), dim=-1)  # (C, E)
 
 
+class PromptedOutput(NamedTuple):
+    """What every learner's forward returns (the same in train and eval mode)."""
+
+    logits: torch.Tensor  # (B, C) CLIP logits of the normalised features
+    image_features: torch.Tensor  # (B, E) before normalisation (ProMetaR's manifold mixup mixes these)
+    text_features: torch.Tensor  # (C, E) normalised
+
+
+def prompted_output(clip, image_features: torch.Tensor, text_features: torch.Tensor) -> PromptedOutput:
+    logits = clip_logits(clip, F.normalize(image_features, dim=-1), text_features)  # (B, C)
+    return PromptedOutput(logits, image_features, text_features)
+
+
 def clip_logits(clip, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """CLIP's cosine-similarity logits with its own (frozen) temperature: (B, E), (C, E) -> (B, C)."""
     return clip.logit_scale.exp() * image_features @ text_features.t()
@@ -68,14 +82,11 @@ class ZeroShotCLIP(nn.Module):
         self.clip = freeze(clip)
         self.register_buffer("text_features", template_text_features(clip, classnames, templates), persistent=False)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E)
-
     def encode_text(self) -> torch.Tensor:
         return self.text_features  # (C, E)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return clip_logits(self.clip, self.encode_image(images), self.text_features)  # (B, C)
+    def forward(self, images: torch.Tensor) -> PromptedOutput:
+        return prompted_output(self.clip, self.clip.encode_image(images), self.text_features)
 
 
 def word_embeddings(clip, words: str, n_ctx: int | None = None) -> torch.Tensor:
@@ -157,12 +168,8 @@ class CoOp(nn.Module):
         x = self.text.assemble(self.ctx, self.class_token_position)  # (C, L', D)
         return F.normalize(self.clip.encode_text_embeddings(x, self.text.eot_idx), dim=-1)  # (C, E)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.clip.encode_image(images)  # (B, E)
-        return F.normalize(features, dim=-1) if normalize else features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return clip_logits(self.clip, self.encode_image(images), self.encode_text())  # (B, C)
+    def forward(self, images: torch.Tensor) -> PromptedOutput:
+        return prompted_output(self.clip, self.clip.encode_image(images), self.encode_text())
 
 
 def deep_prompt_list(n_layers: int, n_tokens: int, width: int, device) -> nn.ParameterList:
@@ -201,13 +208,12 @@ class IVLP(nn.Module):
         features = self.clip.encode_text_embeddings(x, self.text.eot_idx, deep_prompts=list(self.text_deep_prompts))
         return F.normalize(features, dim=-1)  # (C, E)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.clip.encode_image(images, prompts=self.vision_ctx,
-                                          deep_prompts=list(self.vision_deep_prompts))  # (B, E)
-        return F.normalize(features, dim=-1) if normalize else features
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Prompted image features (B, E), before normalisation."""
+        return self.clip.encode_image(images, prompts=self.vision_ctx, deep_prompts=list(self.vision_deep_prompts))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return clip_logits(self.clip, self.encode_image(images), self.encode_text())  # (B, C)
+    def forward(self, images: torch.Tensor) -> PromptedOutput:
+        return prompted_output(self.clip, self.encode_image(images), self.encode_text())
 
 
 def prompt_parameters(learner: nn.Module) -> dict:
@@ -308,7 +314,7 @@ def predict(learner: nn.Module, loader, device, autocast: bool = False):
     labels, preds = [], []
     for batch in loader:
         with torch.autocast(device_type=torch.device(device).type, enabled=autocast):
-            logits = learner(batch["img"].to(device, non_blocking=True))  # (B, C)
+            logits = learner(batch["img"].to(device, non_blocking=True)).logits  # (B, C)
         labels.append(batch["label"])
         preds.append(logits.argmax(-1).cpu())
     return torch.cat(labels), torch.cat(preds)

@@ -344,7 +344,7 @@ def test_coop_and_ivlp_at_init_equal_plain_clip(tiny):
     with torch.no_grad():
         torch.testing.assert_close(coop.encode_text(), expected, rtol=TOL, atol=TOL)
         torch.testing.assert_close(ivlp.encode_text(), expected, rtol=TOL, atol=TOL)
-        torch.testing.assert_close(ivlp(images), prompts.clip_logits(
+        torch.testing.assert_close(ivlp(images).logits, prompts.clip_logits(
             tiny, torch.nn.functional.normalize(tiny.encode_image(images), dim=-1), expected), rtol=TOL, atol=TOL)
 
 
@@ -363,7 +363,7 @@ def test_only_prompts_are_trainable(tiny):
     shapes = {k: tuple(v.shape) for k, v in prompts.prompt_parameters(ivlp).items()}
     assert shapes == {"ctx": (4, 64), "text_deep_prompts.0": (4, 64), "vision_ctx": (3, 64),
                       "vision_deep_prompts.0": (3, 64)}
-    ivlp(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+    ivlp(torch.randn(2, 3, 32, 32)).logits.logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prompts.prompt_parameters(ivlp).values())
     assert all(p.grad is None for p in tiny.parameters())
 
@@ -1003,7 +1003,7 @@ def training_loss(harness, args, prompts_path):
     prompts.load_prompts(learner, torch.load(prompts_path, weights_only=True)["prompts"])
     batch = next(iter(data.build_loader(trainset, train=False, size=32, num_workers=0)))
     with torch.no_grad():
-        return torch.nn.functional.cross_entropy(learner(batch["img"]), batch["label"]).item()
+        return torch.nn.functional.cross_entropy(learner(batch["img"]).logits, batch["label"]).item()
 
 
 @pytest.mark.parametrize("method", ["coop", "ivlp", "promptsrc"])
@@ -1083,3 +1083,228 @@ def test_aggregation_reproduces_published_prometar_average(tmp_path):
     table = evaluation.markdown_table(evaluation.collect(tmp_path))
     assert "| prometar | **average (11)** | | 84.39 | 76.93 | 80.49 |" in table
     assert "| prometar | dtd | 3 | 83.02 ± 0.00 | 64.05 ± 0.00 | 72.31 |" in table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# meta.py / ProMetaR (float64 where gradients are compared)
+
+INNER_LR, OUTER_SCALE = 0.5, 1.0  # larger than ProMetaR's 5e-4 so that the second-order terms are large
+MIX_LAM, MIX_PARTNER = torch.tensor([0.3], dtype=torch.float64), torch.tensor([2])
+
+
+@pytest.fixture
+def meta_setup(tiny):
+    """A float64 tiny CLIP with IVLP prompts (depth 2), its teacher, a gate, and one fixed virtual task."""
+    import meta
+    import train
+    torch.manual_seed(0)
+    clip = clip_model.build_model(tiny.state_dict()).double()
+    args = train.parse_args(["--method", "prometar", "--text-depth", "2", "--vision-depth", "2"])
+    learner = train.learner_for(args, clip, "synthetic", CLASSNAMES).double()
+    teacher = prompts.FrozenTeacher(clip, CLASSNAMES, ["a photo of a {}.", "art of the {}."])
+    params = prompts.prompt_parameters(learner)
+    gate = meta.GradientModulator({k: v.shape for k, v in params.items()}).double()
+    images, labels = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    frozen = teacher.image_features(images)
+    query = labels == 2
+    support = (images[~query], labels[~query], frozen[~query])
+    outer_batch = (images, labels, query, ~query, MIX_LAM, MIX_PARTNER)
+    return {"args": args, "clip": clip, "learner": learner, "teacher": teacher, "params": params, "gate": gate,
+            "images": images, "labels": labels, "frozen": frozen, "support": support, "outer_batch": outer_batch}
+
+
+def production_meta_loss(s, params=None, first_order=False):
+    import meta
+    import train
+    loss_fn = lambda p, b: train.prometar_losses(s["args"], s["learner"], s["teacher"], p, b)
+    outer_fn = lambda p, b: train.prometar_outer_loss(s["learner"], p, b)
+    return meta.meta_loss(loss_fn, outer_fn, params or s["params"], s["support"], s["outer_batch"], s["gate"],
+                          inner_lr=INNER_LR, outer_scale=OUTER_SCALE, first_order=first_order)
+
+
+def meta_gradients(s, first_order=False):
+    wrt = list(s["params"].values()) + list(s["gate"].parameters())
+    return torch.autograd.grad(production_meta_loss(s, first_order=first_order), wrt)
+
+
+def hand_reference_meta_gradients(s):
+    """ProMetaR's step B written out by hand (no meta.py, no train.py): inner losses, both gradients with
+    create_graph, the gate as explicit matrix products, theta', the mixup outer loss, one more autograd.grad."""
+    from torch.func import functional_call
+    from torch.nn.functional import cross_entropy, normalize
+    learner, params, teacher, gate = s["learner"], s["params"], s["teacher"], s["gate"]
+    names, theta = list(params), list(params.values())
+    x_s, y_s, frozen_s = s["support"]
+    out = functional_call(learner, params, (x_s,))
+    ce = cross_entropy(out.logits, y_s)
+    reg = 50 * (out.text_features - teacher.text_features).abs().mean() \
+        + 20 * (normalize(out.image_features, dim=-1) - frozen_s).abs().mean()
+    g_ce = torch.autograd.grad(ce, theta, create_graph=True)
+    g_reg = torch.autograd.grad(reg, theta, create_graph=True)
+    adapted = {}
+    for i, (name, p) in enumerate(zip(names, theta)):
+        w1, w2 = gate.nets[i][0].weight, gate.nets[i][1].weight
+        gamma = torch.sigmoid(w2 @ (w1 @ torch.cat([g_ce[i].flatten(), g_reg[i].flatten()])))
+        gamma = gamma.repeat_interleave(8).view_as(p)
+        adapted[name] = p - INNER_LR * (g_ce[i] + gamma * g_reg[i])
+    images, labels, query, support, lam, partner = s["outer_batch"]
+    out = functional_call(learner, adapted, (images,))
+    mixed = lam[:, None] * out.image_features[query] + (1 - lam[:, None]) * out.image_features[support][partner]
+    logits = s["clip"].logit_scale.exp() * normalize(mixed, dim=-1) @ out.text_features.t()
+    loss = (lam * cross_entropy(logits, labels[query], reduction="none")
+            + (1 - lam) * cross_entropy(logits, labels[support][partner], reduction="none")).mean()
+    return torch.autograd.grad(OUTER_SCALE * loss, theta + list(gate.parameters()))
+
+
+def test_meta_gradient_equals_hand_written_reference(meta_setup):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    ours = meta_gradients(meta_setup)
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = hand_reference_meta_gradients(meta_setup)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def directional_fd(s, tensors, direction, eps=1e-6):
+    """Central difference of the meta loss along `direction`, moving the tensors in place (no autograd)."""
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for t, d in zip(tensors, direction):
+                t.add_(sign * eps * d)
+        values.append(production_meta_loss(s).item())
+        with torch.no_grad():
+            for t, d in zip(tensors, direction):
+                t.sub_(sign * eps * d)
+    return (values[0] - values[1]) / (2 * eps)
+
+
+def test_meta_gradient_equals_finite_differences(meta_setup):
+    grads = meta_gradients(meta_setup)
+    theta, phi = list(meta_setup["params"].values()), list(meta_setup["gate"].parameters())
+    torch.manual_seed(1)
+    for tensors, g in ((theta, grads[:len(theta)]), (phi, grads[len(theta):])):
+        direction = [torch.randn_like(t) for t in tensors]
+        analytic = sum((gi * d).sum() for gi, d in zip(g, direction)).item()
+        numeric = directional_fd(meta_setup, tensors, direction)
+        assert abs(analytic - numeric) / max(abs(analytic), abs(numeric)) < 1e-4, (analytic, numeric)
+
+
+def test_first_order_drops_exactly_the_second_order_terms(meta_setup):
+    """d/dtheta(2nd) - d/dtheta(1st) = -alpha (dG/dtheta)^T v with v = dL_q/dtheta' ; phi's gradient is the same."""
+    import meta
+    import train
+    s = meta_setup
+    second, first = meta_gradients(s), meta_gradients(s, first_order=True)
+    n = len(s["params"])
+    params, theta = s["params"], list(s["params"].values())
+    loss_fn = lambda p, b: train.prometar_losses(s["args"], s["learner"], s["teacher"], p, b)
+    with meta.second_order_attention(True):
+        g_task, g_reg = meta.loss_gradients(loss_fn(params, s["support"]), params, create_graph=True)
+    modulated = meta.modulated_gradients(g_task, g_reg, s["gate"])
+    adapted = {k: v.detach().requires_grad_() for k, v in meta.inner_update(params, modulated, INNER_LR).items()}
+    v = torch.autograd.grad(OUTER_SCALE * train.prometar_outer_loss(s["learner"], adapted, s["outer_batch"]),
+                            list(adapted.values()))
+    second_order_terms = torch.autograd.grad(list(modulated.values()), theta, grad_outputs=v)
+    for a, b, c in zip(second[:n], first[:n], second_order_terms):
+        torch.testing.assert_close(a - b, -INNER_LR * c, rtol=1e-8, atol=1e-14)
+    assert any((c.abs() > 1e-8).any() for c in second_order_terms)  # the terms are not negligible here
+    for a, b in zip(second[n:], first[n:]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-14)
+
+
+def test_every_prompt_and_gate_weight_gets_a_meta_gradient(meta_setup):
+    grads = meta_gradients(meta_setup)
+    names = list(meta_setup["params"]) + [n for n, _ in meta_setup["gate"].named_parameters()]
+    assert len(names) == len(grads) == 4 + 8
+    for name, g in zip(names, grads):
+        assert g.abs().sum() > 0, name
+
+
+def prometar_args(*extra):
+    import train
+    return train.parse_args(["--method", "prometar", "--text-depth", "2", "--vision-depth", "2", *extra])
+
+
+def test_prometar_reduces_to_ivlp_ce_step(tiny):
+    """Gate forced to 0, both meta step sizes 0, no second optimizer step: one ProMetaR iteration is exactly an
+    SGD step on the cross-entropy alone (IVLP without the regularizer gradient)."""
+    import train
+    args = prometar_args("--meta-inner-lr", "0", "--meta-outer-scale", "0", "--no-meta-second-step")
+    torch.manual_seed(0)
+    clip = clip_model.build_model(tiny.state_dict()).double()
+    learner = train.learner_for(args, clip, "synthetic", CLASSNAMES).double()
+    reference = train.learner_for(args, clip, "synthetic", CLASSNAMES).double()
+    reference.load_state_dict(learner.state_dict())
+    teacher = prompts.FrozenTeacher(clip, CLASSNAMES, ["a photo of a {}."])
+    images, labels = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    sgd = lambda m: torch.optim.SGD(prompts.prompt_parameters(m).values(), lr=0.1, momentum=0.9,
+                                    weight_decay=5e-4)
+    zero_gate = lambda name, g_task, g_reg: torch.zeros_like(g_task)
+    idle = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    losses, _ = train.prometar_step(args, learner, teacher, zero_gate, sgd(learner), idle, images, labels)
+    assert "meta" in losses  # the meta step ran, with zero effect
+    optimizer = sgd(reference)
+    torch.nn.functional.cross_entropy(reference(images).logits, labels).backward()
+    optimizer.step()
+    for name, p in prompts.prompt_parameters(reference).items():
+        torch.testing.assert_close(prompts.prompt_parameters(learner)[name], p, rtol=1e-12, atol=1e-15)
+
+
+def test_single_class_batch_skips_the_meta_step(tiny):
+    import meta
+    import train
+    assert meta.split_virtual_task(torch.tensor([2, 2, 2, 2])) is None
+    args = prometar_args()
+    clip = clip_model.build_model(tiny.state_dict())
+    learner = train.learner_for(args, clip, "synthetic", CLASSNAMES)
+    params = prompts.prompt_parameters(learner)
+    gate = meta.GradientModulator({k: v.shape for k, v in params.items()})
+    opt = torch.optim.SGD(params.values(), lr=0.01, momentum=0.9)
+    gate_opt = torch.optim.SGD(gate.parameters(), lr=1e-6, momentum=0.9)
+    teacher = prompts.FrozenTeacher(clip, CLASSNAMES, ["a photo of a {}."])
+    losses, _ = train.prometar_step(args, learner, teacher, gate, opt, gate_opt, torch.randn(4, 3, 32, 32),
+                                    torch.tensor([1, 1, 1, 1]))
+    assert "meta" not in losses and all(p.grad is None for p in gate.parameters())
+
+
+def test_virtual_task_and_mixup_by_hand():
+    import meta
+    torch.manual_seed(0)
+    labels = torch.tensor([3, 1, 3, 0])
+    query, support = meta.split_virtual_task(labels)
+    assert query.sum() >= 1 and len(torch.unique(labels[query])) == 1 and not (query & support).any()
+    assert set(labels[support].tolist()).isdisjoint(labels[query].tolist()) and (query | support).all()
+    fq, fs = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 3.0]])
+    mixed = meta.manifold_mixup(fq, fs, torch.tensor([0.25]), torch.tensor([1]))
+    torch.testing.assert_close(mixed, torch.tensor([[0.25, 2.25]]))
+    logits = torch.tensor([[2.0, 0.0]])
+    ce0, ce1 = -torch.log_softmax(logits, -1)[0]
+    loss = meta.mixup_cross_entropy(logits, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.25]))
+    torch.testing.assert_close(loss, 0.25 * ce0 + 0.75 * ce1)
+    lam, partner = meta.sample_mixup(1000, 3, 0.5, 0.5)
+    assert lam.min() >= 0 and lam.max() <= 1 and abs(lam.mean() - 0.5) < 0.05 and set(partner.tolist()) == {0, 1, 2}
+    assert ((lam < 0.1) | (lam > 0.9)).float().mean() > 0.35  # Beta(0.5, 0.5) is U-shaped
+
+
+@pytest.mark.parametrize("base", ["ivlp", "coop"])
+def test_prometar_training_keeps_clip_frozen(harness, tmp_path, base):
+    import train
+    args = run_train(harness, tmp_path, "--method", "prometar", "--base", base, "--epochs", "2")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == RESULT_KEYS and results["config"]["base"] == base
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["gate"] is not None and saved["epoch"] == 2
+    clip = clip_model.load(args.backbone, device="cpu")
+    learner = train.learner_for(args, clip, "synthetic", ["a", "b", "c"])
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    params = prompts.prompt_parameters(learner)
+    import meta
+    gate = meta.GradientModulator({k: v.shape for k, v in params.items()})
+    teacher = prompts.FrozenTeacher(clip, ["a", "b", "c"], ["a photo of a {}."])
+    opt = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9)
+    gate_opt = torch.optim.SGD(gate.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        train.prometar_step(args, learner, teacher, gate, opt, gate_opt, torch.randn(4, 3, 32, 32),
+                            torch.tensor([0, 1, 2, 1]))
+    assert all(torch.equal(v, before[k]) for k, v in clip.state_dict().items())

@@ -6,7 +6,9 @@
 arXiv:2210.03117v3 Sec. 4), PromptSRC (arXiv:2307.06948v2); defaults per method are the official configs.
 Optimisation as Dassl: SGD, one constant warm-up epoch, then cosine decay stepped per epoch; the final model is
 the last epoch's (no validation-based selection), as in all three papers.
-Not included: ProMetaR, MetaPrompt and GRAM (their own issues), CoCoOp and MaPLe, multi-GPU.
+ProMetaR (arXiv:2404.00851v1): `--method prometar [--base ivlp|coop]`, the released iteration (`prometar_step`)
+with the bilevel update of `meta.py`; every behaviour of the released code that changes the numbers is a flag.
+Not included: MetaPrompt and GRAM (their own issues), CoCoOp and MaPLe, multi-GPU.
 """
 
 import argparse
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 import clip_model
 import data
+import meta
 import prompts
 
 # Official configs (shared/spec/protocol.md Sec. 6.1): CoOp configs/trainers/CoOp/vit_b16.yaml + COOP.md epochs;
@@ -31,12 +34,16 @@ METHOD_DEFAULTS = {
     "coop": {"epochs": None, "batch_size": 32, "lr": 0.002, "ctx_init": None},
     "ivlp": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
     "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
+    # mlvlab/ProMetaR configs/trainers/ProMetaR/vit_b16_c2_ep10_batch4_4+4ctx.yaml (prometar.md Sec. 6.1)
+    "prometar": {"epochs": 10, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
 }
+METHODS = (*prompts.METHODS, "prometar")
 COOP_EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp COOP.md; 200 for full data
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # Dassl defaults.py OPTIM.MOMENTUM / WEIGHT_DECAY
 WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5  # CoOp/PromptSRC configs: WARMUP_EPOCH 1, WARMUP_TYPE constant, CONS_LR 1e-5
 TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 25.0, 10.0  # PromptSRC configs TEXT_LOSS_WEIGHT / IMAGE_LOSS_WEIGHT
 GPA_MEAN, GPA_STD = 15.0, 1.0  # PromptSRC base-to-new configs GPA_MEAN / GPA_STD (epochs 1..20)
+REGULARIZER_MOMENTUM, REGULARIZER_WEIGHT_DECAY = 0.9, 5e-4  # ProMetaR train.py OPTIM_VNET (Dassl defaults)
 EPOCH_SEED_STRIDE = 1000  # epoch e draws its batches and augmentations from seed * stride + e: resumable
 PROTOCOL_EVAL = {"cross_dataset": ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                                    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"],
@@ -47,7 +54,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="dtd", help="training dataset (data.DATASETS)")
     p.add_argument("--root", default="data", help="folder holding the datasets in CoOp's layout")
-    p.add_argument("--method", default="ivlp", choices=prompts.METHODS)
+    p.add_argument("--method", default="ivlp", choices=METHODS)
     p.add_argument("--protocol", default="base2new",
                    choices=["base2new", "fewshot", "cross_dataset", "domain_generalization"])
     p.add_argument("--shots", type=int, default=16, help="K images per class (CoOp: 1, 2, 4, 8, 16)")
@@ -66,6 +73,22 @@ def parse_args(argv=None):
     p.add_argument("--n-ctx-vision", type=int, default=4, help="IVLP vision prompt tokens (PromptSRC: 4)")
     p.add_argument("--text-depth", type=int, default=9, help="IVLP text prompt depth (PromptSRC: 9)")
     p.add_argument("--vision-depth", type=int, default=9, help="IVLP vision prompt depth (PromptSRC: 9)")
+    # ProMetaR (released code: mlvlab/ProMetaR trainers/prometar.py, train.py:99-106; prometar.md Sec. 3)
+    p.add_argument("--base", default="ivlp", choices=["ivlp", "coop"], help="ProMetaR's prompt model (paper: IVLP)")
+    p.add_argument("--meta-inner-lr", type=float, default=5e-4, help="alpha of the inner step (ADAPT_LR 5e-4)")
+    p.add_argument("--meta-outer-scale", type=float, default=5e-4, help="scale of the outer loss (LR_RATIO 5e-4)")
+    p.add_argument("--first-order", action="store_true", help="drop the second-order terms of the meta-gradient")
+    p.add_argument("--mixup-alpha", type=float, default=0.5, help="lambda ~ Beta(alpha, beta) (MIXUP_ALPHA 0.5)")
+    p.add_argument("--mixup-beta", type=float, default=0.5, help="(MIXUP_BETA 0.5)")
+    p.add_argument("--dim-rate", type=int, default=meta.DIM_RATE, help="channels per gate (DIM_RATE 8)")
+    p.add_argument("--reg-text-weight", type=float, default=50.0, help="text L1 weight (prometar.py:417-420: 50)")
+    p.add_argument("--reg-image-weight", type=float, default=20.0, help="image L1 weight (prometar.py:417-420: 20)")
+    p.add_argument("--regularizer-lr", type=float, default=1e-6,
+                   help="SGD lr of the gate phi. Released code: 1e-6 for all of training (its scheduler is never "
+                        "stepped, so the YAML's 2.5e-4 is never applied); the paper's numbers come from that")
+    p.add_argument("--no-meta-second-step", dest="meta_second_step", action="store_false",
+                   help="apply the meta-gradient together with step A in one optimizer step, instead of the "
+                        "released code's second step of the prompt optimizer after step B")
     p.add_argument("--num-workers", type=int, default=data.NUM_WORKERS)
     p.add_argument("--output-dir", default=None, help="default: output/<protocol>/<dataset>/<method>/shots_K/seed_S")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
@@ -105,7 +128,8 @@ def dassl_lr(epoch: int, base_lr: float, epochs: int) -> float:
 
 def learner_for(args, clip, dataset, classnames):
     templates = [data.zero_shot_template(dataset)]
-    return prompts.build_learner(args.method, clip, classnames, templates, n_ctx=args.n_ctx, ctx_init=args.ctx_init,
+    method = args.base if args.method == "prometar" else args.method  # ProMetaR trains IVLP's (or CoOp's) prompts
+    return prompts.build_learner(method, clip, classnames, templates, n_ctx=args.n_ctx, ctx_init=args.ctx_init,
                                  class_specific=args.class_specific, class_token_position=args.class_token_position,
                                  n_ctx_text=args.n_ctx_text, n_ctx_vision=args.n_ctx_vision,
                                  text_depth=args.text_depth, vision_depth=args.vision_depth)
@@ -113,16 +137,91 @@ def learner_for(args, clip, dataset, classnames):
 
 def training_losses(args, learner, teacher, images, labels) -> dict:
     """CE on CLIP logits (CoOp Eq. 3); PromptSRC adds its L1 consistency and KL terms (PromptSRC Eq. 2-4)."""
-    image_features = learner.encode_image(images)  # (B, E)
-    text_features = learner.encode_text()  # (C, E)
-    logits = prompts.clip_logits(learner.clip, image_features, text_features)  # (B, C)
-    losses = {"loss_ce": F.cross_entropy(logits, labels)}
+    out = learner(images)
+    losses = {"loss_ce": F.cross_entropy(out.logits, labels)}
     if teacher is not None:
         frozen_image = teacher.image_features(images)  # (B, E)
-        losses["loss_reg_text"] = TEXT_LOSS_WEIGHT * prompts.consistency_l1(text_features, teacher.text_features)
+        image_features = F.normalize(out.image_features, dim=-1)  # (B, E)
+        losses["loss_reg_text"] = TEXT_LOSS_WEIGHT * prompts.consistency_l1(out.text_features, teacher.text_features)
         losses["loss_reg_image"] = IMAGE_LOSS_WEIGHT * prompts.consistency_l1(image_features, frozen_image)
-        losses["loss_kl"] = prompts.kl_to_zero_shot(logits, teacher.logits(frozen_image))
+        losses["loss_kl"] = prompts.kl_to_zero_shot(out.logits, teacher.logits(frozen_image))
+    return losses, out.logits
+
+
+def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device):
+    """One ordinary step on the training loss (CoOp, IVLP, PromptSRC), fp16 autocast on CUDA."""
+    with torch.autocast(device_type=device, enabled=device == "cuda"):
+        losses, logits = training_losses(args, learner, teacher, images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(sum(losses.values())).backward()
+    scaler.step(optimizer)
+    scaler.update()
     return losses, logits
+
+
+def prometar_losses(args, learner, teacher, params, batch) -> dict:
+    """L_task = CE over the base classes; R = 50 L1(text, frozen text) + 20 L1(image, frozen image) on normalised
+    features (prometar.py:415-420). The learner runs with `params` through functional_call; the logits ride
+    along for logging."""
+    images, labels, frozen_image = batch
+    out = torch.func.functional_call(learner, params, (images,))
+    reg = args.reg_text_weight * prompts.consistency_l1(out.text_features, teacher.text_features)
+    if frozen_image is not None:  # IVLP: vision prompts; CoOp's image features are CLIP's own, R_image = 0
+        image_features = F.normalize(out.image_features, dim=-1)  # (B, E)
+        reg = reg + args.reg_image_weight * prompts.consistency_l1(image_features, frozen_image)
+    return {"task": F.cross_entropy(out.logits, labels), "reg": reg, "logits": out.logits}
+
+
+def prometar_outer_loss(learner, params, batch) -> torch.Tensor:
+    """Mixup CE of the adapted prompts on the virtual task's query (prometar.py:299-304, 320-321): query image
+    features mixed with support partners after the projection, before normalisation; one pass over the batch."""
+    images, labels, query, support, lam, partner = batch
+    out = torch.func.functional_call(learner, params, (images,))
+    mixed = meta.manifold_mixup(out.image_features[query], out.image_features[support], lam, partner)  # (Bq, E)
+    logits = prompts.clip_logits(learner.clip, F.normalize(mixed, dim=-1), out.text_features)  # (Bq, C)
+    return meta.mixup_cross_entropy(logits, labels[query], labels[support][partner.to(labels.device)], lam)
+
+
+def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels):
+    """One ProMetaR iteration as released (prometar.py:410-466): step A, an SGD step with the modulated gradient
+    on the whole batch; step B, one virtual task (skipped for a single-class batch), whose meta-gradient updates
+    the prompts (a second step of the same optimizer) and the gate phi."""
+    params = prompts.prompt_parameters(learner)
+    frozen_image = teacher.image_features(images) if getattr(learner, "vision_ctx", None) is not None else None
+    loss_fn = lambda p, batch: prometar_losses(args, learner, teacher, p, batch)
+    outer_fn = lambda p, batch: prometar_outer_loss(learner, p, batch)
+    grads, losses = meta.regularized_gradients(loss_fn, params, (images, labels, frozen_image), gate)  # step A
+    if args.meta_second_step:
+        apply_gradients(optimizer, params, grads)
+    task = meta.split_virtual_task(labels)
+    optimizer.zero_grad(set_to_none=True)
+    gate_optimizer.zero_grad(set_to_none=True)
+    if task is not None:  # step B
+        query, support = task
+        lam, partner = meta.sample_mixup(int(query.sum()), int(support.sum()), args.mixup_alpha, args.mixup_beta)
+        support_batch = (images[support], labels[support], None if frozen_image is None else frozen_image[support])
+        loss_meta = meta.meta_loss(loss_fn, outer_fn, params, support_batch,
+                                   (images, labels, query, support, lam, partner), gate,
+                                   inner_lr=args.meta_inner_lr, outer_scale=args.meta_outer_scale,
+                                   first_order=args.first_order)
+        loss_meta.backward()
+        losses["meta"] = loss_meta.detach()
+    if args.meta_second_step:
+        if task is not None:
+            optimizer.step()
+    else:  # one step with the sum of step A's gradient and the meta-gradient
+        apply_gradients(optimizer, params, {k: grads[k] + (p.grad if p.grad is not None else 0)
+                                            for k, p in params.items()})
+    gate_optimizer.step()
+    logits = losses.pop("logits")  # step A's, before its update
+    return losses, logits
+
+
+def apply_gradients(optimizer, params, grads):
+    """An optimizer step with hand-made gradients (ProMetaR sets p.grad itself, prometar.py:422-424)."""
+    for name, p in params.items():
+        p.grad = grads[name]
+    optimizer.step()
 
 
 def save_atomic(obj, path):
@@ -182,10 +281,15 @@ def main(args):
     learner = learner_for(args, clip, args.dataset, classnames)
     params = prompts.prompt_parameters(learner)
     teacher = prompts.FrozenTeacher(clip, classnames, data.IMAGENET_TEMPLATES_PROMPTSRC) \
+        if args.method in ("promptsrc", "prometar") else None
+    gpa_weights = prompts.gaussian_epoch_weights(args.epochs, GPA_MEAN, GPA_STD) \
         if args.method == "promptsrc" else None
-    gpa_weights = prompts.gaussian_epoch_weights(args.epochs, GPA_MEAN, GPA_STD) if teacher is not None else None
     optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) \
         if params else None  # zero-shot CLIP has nothing to train
+    gate = meta.GradientModulator({k: v.shape for k, v in params.items()}, args.dim_rate).to(device) \
+        if args.method == "prometar" else None
+    gate_optimizer = torch.optim.SGD(gate.parameters(), lr=args.regularizer_lr, momentum=REGULARIZER_MOMENTUM,
+                                     weight_decay=REGULARIZER_WEIGHT_DECAY) if gate is not None else None
     scaler = torch.amp.GradScaler(enabled=device == "cuda")  # fp16 autocast on CUDA, fp32 master prompts
     ckpt_path, start_epoch, snapshots = os.path.join(args.output_dir, "checkpoint.pt"), 0, []
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -194,6 +298,9 @@ def main(args):
         prompts.load_prompts(learner, ckpt["prompts"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, snapshots = ckpt["epoch"], ckpt["snapshots"]
+        if gate is not None:
+            gate.load_state_dict(ckpt["gate"])
+            gate_optimizer.load_state_dict(ckpt["gate_optimizer"])
     print(json.dumps(vars(args)))
     for epoch in range(start_epoch, args.epochs):
         # --- ALGO: one epoch of SGD on the few-shot training set (CoOp Sec. 3.2, Dassl schedule) ---
@@ -207,20 +314,19 @@ def main(args):
         bar = progress(loader, f"epoch {epoch + 1}/{args.epochs}", args.no_progress)
         for batch in bar:
             images, labels = batch["img"].to(device, non_blocking=True), batch["label"].to(device)
-            with torch.autocast(device_type=device, enabled=device == "cuda"):
-                losses, logits = training_losses(args, learner, teacher, images, labels)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            if gate is not None:
+                losses, logits = prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels)
+            else:
+                losses, logits = sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device)
             accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
-            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy:.1f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{sum(losses.values()).item():.4f}", acc=f"{accuracy:.1f}", lr=f"{lr:.2e}")
         # --- bookkeeping: Gaussian prompt aggregation snapshot, atomic checkpoint ---
         if gpa_weights is not None:
             snapshots.append({k: v.detach().clone() for k, v in params.items()})
         save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "optimizer": optimizer.state_dict(),
-                     "epoch": epoch + 1, "snapshots": snapshots, "config": vars(args)}, ckpt_path)
+                     "epoch": epoch + 1, "snapshots": snapshots, "config": vars(args),
+                     "gate": gate.state_dict() if gate is not None else None,
+                     "gate_optimizer": gate_optimizer.state_dict() if gate is not None else None}, ckpt_path)
     if gpa_weights is not None and snapshots:  # PromptSRC Sec. 3.3: the final prompts are the Gaussian average
         prompts.load_prompts(learner, prompts.aggregate_prompts(snapshots, gpa_weights))
     final = {k: v.detach() for k, v in prompts.prompt_parameters(learner).items()}
