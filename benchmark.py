@@ -36,7 +36,7 @@ CASES = {"clip": ("image", "text_truncated", "text_full"), "methods": ("coop", "
 def training_step(method: str, model):
     """One iteration of train.py's loop for `method` on random images (batch 4, 24 classes, 4 distinct labels so
     that ProMetaR's meta step always runs)."""
-    args = train.parse_args(["--method", method])
+    args = train.parse_args(["--method", method, "--dataset", "dtd"])
     classnames = [f"class {i}" for i in range(BASE_CLASSES)]
     learner = train.learner_for(args, model, "dtd", classnames)
     params = prompts.prompt_parameters(learner)

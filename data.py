@@ -52,6 +52,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
@@ -147,7 +148,7 @@ CUSTOM_TEMPLATES = {
     "UCF101": "a photo of a person doing {}.", "ImageNet": "a photo of a {}.", "ImageNetSketch": "a photo of a {}.",
     "ImageNetV2": "a photo of a {}.", "ImageNetA": "a photo of a {}.", "ImageNetR": "a photo of a {}.",
     "PACS": "a photo of a {}", "VLCS": "a photo of a {}", "OfficeHome": "a photo of a {}",
-    "DomainNet": "a photo of a {}", "Synthetic": "a photo of a {}.",
+    "DomainNet": "a photo of a {}", "Synthetic": "a photo of a {}.", "World": "a photo of a {}.",
 }
 
 # The 80 templates of openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb, in order
@@ -256,6 +257,8 @@ DATASETS = {
                              ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
     "synthetic": DatasetSpec("Synthetic", "synthetic", "images", "split", "made by make_synthetic_dataset()",
                              "synthetic/{images/<class>/*.jpg, split_zhou_Synthetic.json}"),
+    "world": DatasetSpec("World", "world", "images", "split", "made by make_world_dataset() on first use",
+                         "world/{images/<colour_shape>/*.png, split_zhou_World.json}"),
 }
 TEST_ONLY = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
@@ -676,6 +679,8 @@ def build_dataset(name, root, shots=16, seed=1, subsample="all", download=False,
     spec = get_spec(name)
     root = Path(root).expanduser()
     folder = root / spec.dataset_dir
+    if name == "world" and not folder.is_dir():  # the offline testbed is made, not downloaded
+        make_world_dataset(root)
     if download and not folder.is_dir():
         download_dataset(name, root)
     check_folder(name, root, folder)
@@ -703,12 +708,12 @@ def read_image(path):
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
-def build_transform(train, size=IMAGE_SIZE):
+def build_transform(train, size=IMAGE_SIZE, crop_scale=RRC_SCALE):
     """Dassl transforms.py with CoOp's INPUT config; output (3, size, size) float tensors, CLIP-normalised."""
     normalize = T.Normalize(CLIP_MEAN, CLIP_STD)
     bicubic = T.InterpolationMode.BICUBIC
     if train:  # "random_resized_crop", "random_flip", "normalize"
-        return T.Compose([T.RandomResizedCrop(size, scale=RRC_SCALE, interpolation=bicubic),
+        return T.Compose([T.RandomResizedCrop(size, scale=crop_scale, interpolation=bicubic),
                           T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     return T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size), T.ToTensor(), normalize])
 
@@ -728,12 +733,13 @@ class ImageListDataset(Dataset):
         return {"img": img, "label": d.label, "domain": d.domain, "index": index}
 
 
-def build_loader(items, train, batch_size=None, size=IMAGE_SIZE, num_workers=NUM_WORKERS, seed=None):
+def build_loader(items, train, batch_size=None, size=IMAGE_SIZE, num_workers=NUM_WORKERS, seed=None,
+                 crop_scale=RRC_SCALE):
     """Dassl build_data_loader: train = RandomSampler (torch Generator seeded with `seed`) and
     drop_last = len(items) >= batch_size; test = sequential, batch 100. Batches: {"img": (B, 3, H, W),
     "label": (B,), "domain": (B,), "index": (B,)}. Workers, pinned memory on CUDA, persistent workers."""
     batch_size = batch_size or (TRAIN_BATCH_SIZE if train else TEST_BATCH_SIZE)
-    dataset = ImageListDataset(items, build_transform(train, size))
+    dataset = ImageListDataset(items, build_transform(train, size, crop_scale))
     if train:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sampler = RandomSampler(dataset, generator=generator)
@@ -817,6 +823,127 @@ def make_synthetic_dataset(root, n_classes=6, n_per_class=10, image_size=(32, 32
     train, val, test = read_and_split_data(str(image_dir), rng)
     save_split(train, val, test, folder / "split_zhou_Synthetic.json", str(image_dir))
     return classnames
+
+
+# --- the offline testbed: a procedural world of shapes, colours and patterns (issue #8) ---------------------------
+# Small images of composable concepts with captions. Classes are colour x shape combinations; "base" combinations
+# form a checkerboard (colour index + shape index even), so every colour and every shape occurs among both base and
+# new classes. The testbed CLIP (pretrain_testbed.py) is pretrained on captions of base combinations only, so new
+# classes are new *combinations* of known words: zero-shot transfer to them is real but weak, as with real CLIP.
+WORLD_COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (45, 75, 215), "yellow": (230, 205, 35),
+                 "purple": (135, 55, 175), "orange": (240, 135, 30), "pink": (240, 130, 185), "cyan": (40, 200, 210)}
+WORLD_SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
+WORLD_PATTERNS = ("plain", "striped", "dotted")
+WORLD_SIZES = ("small", "large")
+WORLD_POSITIONS = ("center", "top left", "top right", "bottom left", "bottom right")
+WORLD_IMAGE_SIZE, WORLD_DRAW_SCALE = 32, 2  # drawn at 64 px, box-downsampled (shared/spec/testbed.md Sec. 1)
+WORLD_MAX_ROTATION = 14  # degrees
+WORLD_NOISE_STD = 6.0  # per-pixel Gaussian noise (0-255 scale), from the scene's own random stream
+WORLD_CROP_SCALE = (0.5, 1.0)  # train-time RandomResizedCrop scale: Dassl's 0.08 would crop a 32 px shape away
+WORLD_WASHOUT = 0.45  # downstream style shift: blend towards grey (testbed.md Sec. 4: "washed-out colours")
+WORLD_SPLIT = (20, 4, 50)  # train / val / test images per class of the downstream task
+WORLD_SEED = 0
+CAPTION_TEMPLATES = (  # {c} colour, {s} shape, {p} pattern, {z} size, {o} position
+    "a {c} {s}", "a photo of a {c} {s}.", "a {c} {p} {s}", "a {z} {c} {s}", "a {z} {c} {p} {s} on the {o}",
+    "a {s} that is {c}", "a picture of a {c} {s}", "the {c} {s}", "a {p} {c} {s}", "a {c} {s} on the {o}",
+    "a drawing of a {z} {c} {s}", "a {s} colored {c}", "an image of a {c} {s}", "a photo of the {c} {s}.",
+    "a {z} {p} {c} {s}",
+)
+
+
+def world_classes():
+    """[(colour, shape)] in label order: the 24 base combinations first, then the 24 new ones, so that CoCoOp's
+    rule (base = the first half of the labels) picks the checkerboard."""
+    combos = [(c, s) for ci, c in enumerate(WORLD_COLOURS) for si, s in enumerate(WORLD_SHAPES)]
+    is_base = [(ci + si) % 2 == 0 for ci in range(len(WORLD_COLOURS)) for si in range(len(WORLD_SHAPES))]
+    return [c for c, b in zip(combos, is_base) if b] + [c for c, b in zip(combos, is_base) if not b]
+
+
+def sample_world_attributes(rng, colour=None, shape=None):
+    """A random scene: colour, shape, pattern, size, position (names), fixed colour/shape if given."""
+    return {"c": colour or rng.choice(list(WORLD_COLOURS)), "s": shape or rng.choice(WORLD_SHAPES),
+            "p": rng.choice(WORLD_PATTERNS), "z": rng.choice(WORLD_SIZES), "o": rng.choice(WORLD_POSITIONS)}
+
+
+def shape_polygon(shape, cx, cy, r, angle):
+    """Outline points of a shape of radius r around (cx, cy), rotated by `angle` radians (rings: two circles)."""
+    if shape in ("circle", "ring"):
+        n, radii = 32, [r]
+    elif shape == "square":
+        n, radii, angle = 4, [r], angle + math.pi / 4
+    elif shape == "triangle":
+        n, radii, angle = 3, [r], angle - math.pi / 2
+    elif shape == "star":
+        n, radii, angle = 10, [r, 0.45 * r], angle - math.pi / 2
+    else:  # cross: a plus sign of arm half-width r / 3
+        w = r / 3
+        corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w),
+                   (-w, w), (-w, r)]
+        return [(cx + x * math.cos(angle) - y * math.sin(angle), cy + x * math.sin(angle) + y * math.cos(angle))
+                for x, y in corners]
+    return [(cx + radii[k % len(radii)] * math.cos(angle + 2 * math.pi * k / n),
+             cy + radii[k % len(radii)] * math.sin(angle + 2 * math.pi * k / n)) for k in range(n)]
+
+
+def render_world_image(attrs, rng, washout=0.0):
+    """A 32 px RGB image of the scene `attrs` (PIL), drawn at 64 px: tinted gradient background, shape with its
+    pattern and a jittered colour, pixel noise; `washout` blends it towards grey (the downstream style shift)."""
+    n = WORLD_IMAGE_SIZE * WORLD_DRAW_SCALE
+    grey, tint = rng.randint(70, 190), [rng.randint(-20, 20) for _ in range(3)]
+    slope = rng.uniform(-0.6, 0.6)
+    ramp = slope * (np.arange(n) - n / 2)  # (n,) a horizontal gradient
+    pixels = np.broadcast_to(grey + np.asarray(tint)[None, None, :] + ramp[None, :, None], (n, n, 3))  # (n, n, 3)
+    background = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    jitter = rng.uniform(0.8, 1.15)
+    colour = tuple(max(0, min(255, int(v * jitter))) for v in WORLD_COLOURS[attrs["c"]])
+    fill = Image.new("RGB", (n, n), colour)
+    if attrs["p"] != "plain":  # darker stripes or dots inside the shape
+        dark = tuple(v // 3 for v in colour)
+        draw = ImageDraw.Draw(fill)
+        for k in range(0, n, 8):
+            if attrs["p"] == "striped":
+                draw.rectangle([k, 0, k + 3, n], fill=dark)
+            else:
+                for j in range(2, n, 8):
+                    draw.ellipse([k + 2, j, k + 5, j + 3], fill=dark)
+    r = n * (0.17 if attrs["z"] == "small" else 0.3)
+    offset = {"center": (0, 0), "top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1),
+              "bottom right": (1, 1)}[attrs["o"]]
+    cx, cy = n / 2 + offset[0] * (n / 2 - r - 2), n / 2 + offset[1] * (n / 2 - r - 2)
+    mask = Image.new("L", (n, n), 0)
+    angle = math.radians(rng.uniform(-WORLD_MAX_ROTATION, WORLD_MAX_ROTATION))
+    ImageDraw.Draw(mask).polygon(shape_polygon(attrs["s"], cx, cy, r, angle), fill=255)
+    if attrs["s"] == "ring":
+        ImageDraw.Draw(mask).ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2], fill=0)
+    image = Image.composite(fill, background, mask).resize((WORLD_IMAGE_SIZE,) * 2, Image.BOX)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, WORLD_NOISE_STD, (WORLD_IMAGE_SIZE,) * 2 + (3,))
+    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    return Image.blend(image, Image.new("RGB", image.size, (128, 128, 128)), washout) if washout else image
+
+
+def world_caption(attrs, rng):
+    """A caption of the scene from one of the templates; returns (text, the attribute keys it mentions)."""
+    template = rng.choice(CAPTION_TEMPLATES)
+    mentioned = tuple(k for k in "cspzo" if "{" + k + "}" in template)
+    return template.format(**attrs), mentioned
+
+
+def make_world_dataset(root, seed=WORLD_SEED, per_class=WORLD_SPLIT, washout=WORLD_WASHOUT):
+    """Write the testbed's downstream task in CoOp's layout: `<root>/world/images/<colour>_<shape>/*.png` and
+    `split_zhou_World.json` (48 classes, base first); deterministic for a seed. Returns the class names."""
+    rng = random.Random(seed)
+    folder = Path(root) / "world"
+    splits = {"train": [], "val": [], "test": []}
+    for label, (colour, shape) in enumerate(world_classes()):
+        (folder / "images" / f"{colour}_{shape}").mkdir(parents=True, exist_ok=True)
+        for i in range(sum(per_class)):
+            relpath = f"{colour}_{shape}/{i:03d}.png"
+            render_world_image(sample_world_attributes(rng, colour, shape), rng, washout).save(
+                folder / "images" / relpath)
+            split = "train" if i < per_class[0] else "val" if i < per_class[0] + per_class[1] else "test"
+            splits[split].append([relpath, label, f"{colour} {shape}"])
+    write_json_atomic(splits, folder / "split_zhou_World.json")
+    return [f"{c} {s}" for c, s in world_classes()]
 
 
 # --- downloads (torchvision's download utilities; md5 checked where the publisher gives one) -----------------

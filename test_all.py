@@ -1308,3 +1308,38 @@ def test_prometar_training_keeps_clip_frozen(harness, tmp_path, base):
         train.prometar_step(args, learner, teacher, gate, opt, gate_opt, torch.randn(4, 3, 32, 32),
                             torch.tensor([0, 1, 2, 1]))
     assert all(torch.equal(v, before[k]) for k, v in clip.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The offline testbed (issue #8): the procedural world, the shipped small CLIP, the default run
+
+
+def test_world_generator_is_deterministic(tmp_path):
+    names_a = data.make_world_dataset(tmp_path / "a", per_class=(2, 1, 1))
+    names_b = data.make_world_dataset(tmp_path / "b", per_class=(2, 1, 1))
+    split_a = (tmp_path / "a" / "world" / "split_zhou_World.json").read_text()
+    assert names_a == names_b and split_a == (tmp_path / "b" / "world" / "split_zhou_World.json").read_text()
+    for rel in ("red_circle/000.png", "cyan_ring/003.png"):
+        assert (tmp_path / "a" / "world" / "images" / rel).read_bytes() == \
+            (tmp_path / "b" / "world" / "images" / rel).read_bytes()
+    split = json.loads(split_a)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [96, 48, 48]
+
+
+def test_world_classes_checkerboard_base_first():
+    classes = data.world_classes()
+    colours, shapes = list(data.WORLD_COLOURS), list(data.WORLD_SHAPES)
+    assert len(classes) == 48 and len(set(classes)) == 48
+    parity = [(colours.index(c) + shapes.index(s)) % 2 for c, s in classes]
+    assert parity == [0] * 24 + [1] * 24  # CoCoOp's rule (first half of the labels) selects the checkerboard
+    for attribute in (0, 1):  # every colour and every shape occurs among base and among new classes
+        assert {c[attribute] for c in classes[:24]} == {c[attribute] for c in classes[24:]}
+
+
+def test_world_captions_mention_what_they_say():
+    rng = random.Random(0)
+    scene = data.sample_world_attributes(rng, "red", "star")
+    for _ in range(30):
+        caption, mentioned = data.world_caption(scene, rng)
+        assert {"c", "s"} <= set(mentioned) and all(scene[k] in caption for k in mentioned)
+        assert len(clip_model.tokenize(caption, context_length=16)[0].nonzero()) <= 16

@@ -38,6 +38,12 @@ METHOD_DEFAULTS = {
     "prometar": {"epochs": 10, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
 }
 METHODS = (*prompts.METHODS, "prometar")
+# The offline testbed (issue #8; `--dataset world`, the default): the shipped small CLIP (3 layers, so prompt depth
+# 3), tiny images (no loader workers), and learning rates for its logit scale (~18, not 100: testbed.md Sec. 2).
+TESTBED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testbed", "clip_world.pt")
+TESTBED_DEFAULTS = {"backbone": TESTBED_CHECKPOINT, "text_depth": 3, "vision_depth": 3, "num_workers": 0,
+                    "epochs": 5, "lr": 0.02}
+GENERAL_DEFAULTS = {"backbone": "ViT-B/16", "text_depth": 9, "vision_depth": 9, "num_workers": data.NUM_WORKERS}
 COOP_EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp COOP.md; 200 for full data
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # Dassl defaults.py OPTIM.MOMENTUM / WEIGHT_DECAY
 WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5  # CoOp/PromptSRC configs: WARMUP_EPOCH 1, WARMUP_TYPE constant, CONS_LR 1e-5
@@ -52,16 +58,16 @@ PROTOCOL_EVAL = {"cross_dataset": ["caltech101", "oxford_pets", "stanford_cars",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="dtd", help="training dataset (data.DATASETS)")
+    p.add_argument("--dataset", default="world", help="training dataset (data.DATASETS); world = offline testbed")
     p.add_argument("--root", default="data", help="folder holding the datasets in CoOp's layout")
-    p.add_argument("--method", default="ivlp", choices=METHODS)
+    p.add_argument("--method", default="prometar", choices=METHODS)
     p.add_argument("--protocol", default="base2new",
                    choices=["base2new", "fewshot", "cross_dataset", "domain_generalization"])
     p.add_argument("--shots", type=int, default=16, help="K images per class (CoOp: 1, 2, 4, 8, 16)")
     p.add_argument("--seed", type=int, default=1, help="papers report seeds 1, 2, 3")
     p.add_argument("--eval-datasets", default=None, help="comma list for cross_dataset / DG (default: the papers')")
     p.add_argument("--target-domain", default=None, help="held-out domain of a DG suite (pacs, vlcs, ...)")
-    p.add_argument("--backbone", default="ViT-B/16", help="CLIP model name or checkpoint path")
+    p.add_argument("--backbone", default=None, help="CLIP name or checkpoint path (ViT-B/16; testbed: its own)")
     p.add_argument("--epochs", type=int, default=None, help="default: the method's official config")
     p.add_argument("--batch-size", type=int, default=None, help="default: the method's official config")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate; default: the official config")
@@ -71,8 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--class-token-position", default="end", choices=prompts.CLASS_TOKEN_POSITIONS)
     p.add_argument("--n-ctx-text", type=int, default=4, help="IVLP text prompt tokens (PromptSRC: 4)")
     p.add_argument("--n-ctx-vision", type=int, default=4, help="IVLP vision prompt tokens (PromptSRC: 4)")
-    p.add_argument("--text-depth", type=int, default=9, help="IVLP text prompt depth (PromptSRC: 9)")
-    p.add_argument("--vision-depth", type=int, default=9, help="IVLP vision prompt depth (PromptSRC: 9)")
+    p.add_argument("--text-depth", type=int, default=None, help="IVLP text prompt depth (PromptSRC: 9)")
+    p.add_argument("--vision-depth", type=int, default=None, help="IVLP vision prompt depth (PromptSRC: 9)")
     # ProMetaR (released code: mlvlab/ProMetaR trainers/prometar.py, train.py:99-106; prometar.md Sec. 3)
     p.add_argument("--base", default="ivlp", choices=["ivlp", "coop"], help="ProMetaR's prompt model (paper: IVLP)")
     p.add_argument("--meta-inner-lr", type=float, default=5e-4, help="alpha of the inner step (ADAPT_LR 5e-4)")
@@ -89,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--no-meta-second-step", dest="meta_second_step", action="store_false",
                    help="apply the meta-gradient together with step A in one optimizer step, instead of the "
                         "released code's second step of the prompt optimizer after step B")
-    p.add_argument("--num-workers", type=int, default=data.NUM_WORKERS)
+    p.add_argument("--num-workers", type=int, default=None, help=f"loader processes ({data.NUM_WORKERS})")
     p.add_argument("--output-dir", default=None, help="default: output/<protocol>/<dataset>/<method>/shots_K/seed_S")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --subsample classes")
@@ -98,12 +104,16 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs)")
     args = p.parse_args(argv)
-    defaults = METHOD_DEFAULTS[args.method]
-    args.epochs = 0 if args.method == "zeroshot" else args.epochs if args.epochs is not None else \
-        defaults["epochs"] if defaults["epochs"] is not None else COOP_EPOCHS_BY_SHOTS.get(args.shots, 200)
-    args.batch_size = args.batch_size or defaults["batch_size"]
-    args.lr = args.lr if args.lr is not None else defaults["lr"]
-    args.ctx_init = args.ctx_init or defaults["ctx_init"]
+    # unset flags: the testbed's values on `world`, else the method's official config, else the general ones
+    defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[args.method],
+                **(TESTBED_DEFAULTS if args.dataset == "world" else {})}
+    for key, value in defaults.items():
+        if getattr(args, key) in (None, ""):
+            setattr(args, key, value)
+    if args.epochs is None:  # CoOp: by shots
+        args.epochs = COOP_EPOCHS_BY_SHOTS.get(args.shots, max(COOP_EPOCHS_BY_SHOTS.values()))
+    if args.method == "zeroshot":
+        args.epochs = 0
     args.output_dir = args.output_dir or os.path.join(
         "output", args.protocol, args.dataset, args.method, f"shots_{args.shots}", f"seed_{args.seed}")
     return args
@@ -309,7 +319,8 @@ def main(args):
             group["lr"] = lr
         torch.manual_seed(args.seed * EPOCH_SEED_STRIDE + epoch)
         loader = data.build_loader(train, train=True, batch_size=args.batch_size, size=clip.visual.input_resolution,
-                                   num_workers=args.num_workers, seed=args.seed * EPOCH_SEED_STRIDE + epoch)
+                                   num_workers=args.num_workers, seed=args.seed * EPOCH_SEED_STRIDE + epoch,
+                                   crop_scale=data.WORLD_CROP_SCALE if args.dataset == "world" else data.RRC_SCALE)
         learner.train()
         bar = progress(loader, f"epoch {epoch + 1}/{args.epochs}", args.no_progress)
         for batch in bar:
