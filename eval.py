@@ -101,7 +101,8 @@ def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num
     clip = clip_model.load(backbone or config["backbone"], device=device)
     _, _, test, classnames = data.build_dataset(dataset, root, shots=config["shots"], seed=config["seed"],
                                                 subsample=subsample, target_domain=config.get("target_domain"))
-    learner = prompts.build_learner(config["method"], clip, classnames, [data.zero_shot_template(dataset)],
+    method = config["base"] if config["method"] == "prometar" else config["method"]  # ProMetaR trains IVLP/CoOp
+    learner = prompts.build_learner(method, clip, classnames, [data.zero_shot_template(dataset)],
                                     **{k: config[k] for k in LEARNER_KEYS})
     prompts.load_prompts(learner, ckpt["prompts"])
     loader = data.build_loader(test, train=False, size=clip.visual.input_resolution, num_workers=num_workers)

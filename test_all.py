@@ -1295,6 +1295,9 @@ def test_prometar_training_keeps_clip_frozen(harness, tmp_path, base):
     assert set(results) == RESULT_KEYS and results["config"]["base"] == base
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["gate"] is not None and saved["epoch"] == 2
+    import eval as evaluation
+    new = evaluation.evaluate_checkpoint(tmp_path / "prompts.pt", "synthetic", harness / "data", "new", num_workers=0)
+    assert new == results["splits"]["new"]
     clip = clip_model.load(args.backbone, device="cpu")
     learner = train.learner_for(args, clip, "synthetic", ["a", "b", "c"])
     before = {k: v.clone() for k, v in clip.state_dict().items()}
