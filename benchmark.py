@@ -7,6 +7,10 @@ weights included) is its own. Reported time: median over repeats after one warm-
 `python benchmark.py methods` times one training iteration of CoOp, IVLP, PromptSRC and ProMetaR (step A + the
 second-order meta step) at ViT-B/16, batch 4, 24 classes (DTD's base classes; the setting of prometar.md Sec. 9,
 where the official ProMetaR code takes 41 s and 12.8 GB per iteration on this CPU), the same way.
+
+`python benchmark.py testbed` trains and evaluates zero-shot CLIP, CoOp, IVLP and ProMetaR on the offline testbed
+(`--dataset world`, the shipped small CLIP, each method's testbed defaults from train.py) for seeds 1, 2, 3, and
+prints base / new / HM as mean ± std over the seeds (the README's testbed table comes from this command).
 """
 
 import argparse
@@ -20,6 +24,7 @@ import time
 import torch
 
 import clip_model
+import eval as evaluation
 import meta
 import prompts
 import train
@@ -74,13 +79,32 @@ def run_case(case: str, repeats: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+TESTBED_METHODS = ("zeroshot", "coop", "ivlp", "prometar")
+
+
+def run_testbed(seeds, root: str, output: str) -> str:
+    """Every testbed method for every seed through train.py's own main, then eval.py's table."""
+    for method in TESTBED_METHODS:
+        for seed in seeds:
+            out = f"{output}/world/{method}/shots_16/seed_{seed}"
+            train.main(train.parse_args(["--method", method, "--seed", str(seed), "--root", root,
+                                         "--output-dir", out, "--no-progress"]))
+    return evaluation.markdown_table(evaluation.collect(output))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=list(CASES))
+    parser.add_argument("what", choices=[*CASES, "testbed"])
     parser.add_argument("--case", choices=[c for cases in CASES.values() for c in cases],
                         help="run one case in this process (used internally)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="testbed seeds")
+    parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
+    parser.add_argument("--output", default="output/testbed", help="testbed: where runs are written")
     args = parser.parse_args()
+    if args.what == "testbed":
+        print(run_testbed(args.seeds, args.root, args.output))
+        return
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats)))
         return

@@ -1346,3 +1346,33 @@ def test_world_captions_mention_what_they_say():
         caption, mentioned = data.world_caption(scene, rng)
         assert {"c", "s"} <= set(mentioned) and all(scene[k] in caption for k in mentioned)
         assert len(clip_model.tokenize(caption, context_length=16)[0].nonzero()) <= 16
+
+
+def test_shipped_testbed_clip_loads_and_knows_new_classes(tmp_path):
+    import train
+    path = Path(train.TESTBED_CHECKPOINT)
+    assert path.stat().st_size <= 10 * 2 ** 20  # issue #8: at most 10 MB
+    assert clip_model.sha256_of(path) == (path.parent / (path.name + ".sha256")).read_text().split()[0]
+    model = clip_model.load(path, device="cpu")
+    assert model.context_length == 16 and model.visual.input_resolution == data.WORLD_IMAGE_SIZE
+    data.make_world_dataset(tmp_path, per_class=(1, 1, 20))
+    chance = 100 / 24
+    for subsample, floor in (("base", 6 * chance), ("new", 4 * chance)):
+        _, _, test, names = data.build_dataset("world", tmp_path, shots=0, subsample=subsample)
+        learner = prompts.ZeroShotCLIP(model, names, [data.zero_shot_template("world")])
+        loader = data.build_loader(test, train=False, size=data.WORLD_IMAGE_SIZE, num_workers=0)
+        accuracy = data.classification_metrics(*prompts.predict(learner, loader, "cpu"))["accuracy"]
+        assert accuracy > floor, (subsample, accuracy)
+
+
+def test_default_run_finishes_and_writes_results(tmp_path):
+    """`python train.py` with no arguments: ProMetaR on the testbed (here with its data and output in tmp)."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--root", str(tmp_path / "data"),
+                             "--output-dir", str(tmp_path / "out"), "--no-progress"],
+                            check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("base ") and ", HM " in last and str(tmp_path / "out" / "results.json") in last
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["method"] == "prometar" and results["config"]["dataset"] == "world"
+    assert set(results["splits"]) == {"base", "new"}
