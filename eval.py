@@ -83,11 +83,15 @@ def markdown_table(runs: dict) -> str:
             ref_text = f"{ref[0]:.2f} / {ref[1]:.2f} / {data.harmonic_mean(*ref):.2f}" if ref else "-"
             lines.append(f"| {method} | {dataset} | {len(per_dataset[dataset])} | {base:.2f} ± {base_sd:.2f} | "
                          f"{new:.2f} ± {new_sd:.2f} | {data.harmonic_mean(base, new):.2f} | {ref_text} |")
-        published = PUBLISHED.get(method)
-        ref = average_row({d: published[d] for d in rows if d in published}) if published else None
-        ref = ref or ((*PUBLISHED_AVERAGE[method], data.harmonic_mean(*PUBLISHED_AVERAGE[method]))
-                      if method in PUBLISHED_AVERAGE else None)
+        published = PUBLISHED.get(method, {})
+        ref = None  # a published average only where it averages the same datasets
+        if rows and set(rows) <= set(published):
+            ref = average_row({d: published[d] for d in rows})
+        elif method in PUBLISHED_AVERAGE and set(rows) == set(DATASET_ORDER):
+            ref = (*PUBLISHED_AVERAGE[method], data.harmonic_mean(*PUBLISHED_AVERAGE[method]))
         ref_text = " / ".join(f"{x:.2f}" for x in ref) if ref else "-"
+        if len(rows) < 2:  # one dataset: its row is the average
+            continue
         base, new, hm = average_row(rows)
         lines.append(f"| {method} | **average ({len(rows)})** | | {base:.2f} | {new:.2f} | {hm:.2f} | {ref_text} |")
     return "\n".join(lines)

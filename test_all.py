@@ -1083,6 +1083,13 @@ def test_aggregation_reproduces_published_prometar_average(tmp_path):
     table = evaluation.markdown_table(evaluation.collect(tmp_path))
     assert "| prometar | **average (11)** | | 84.39 | 76.93 | 80.49 |" in table
     assert "| prometar | dtd | 3 | 83.02 ± 0.00 | 64.05 ± 0.00 | 72.31 |" in table
+    run = tmp_path / "world" / "prometar" / "shots_16" / "seed_1"  # a dataset without published numbers
+    run.mkdir(parents=True)
+    run.joinpath("results.json").write_text(json.dumps({"splits": {"base": {"accuracy": 70.0},
+                                                                   "new": {"accuracy": 40.0}}}))
+    table = evaluation.markdown_table(evaluation.collect(tmp_path))
+    assert "| prometar | world | 1 | 70.00 ± 0.00 | 40.00 ± 0.00 | 50.91 | - |" in table
+    assert "| prometar | **average (12)** |" in table and table.count("| - |") >= 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
