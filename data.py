@@ -32,6 +32,8 @@ Deliberate differences from CoOp:
     absolute paths), at the same place: <dataset folder>/split_fewshot/shot_{K}-seed_{S}.json
     (DG suites: <target domain>_shot_{K}-seed_{S}.json; MetaPrompt prefixes the target's index).
   * Test-only datasets (ImageNet-V2/-Sketch/-A/-R) return an empty train list (CoOp sets train = test).
+Also here: a synthetic dataset for tests (`make_synthetic_dataset`) and the offline testbed's procedural world
+(`make_world_dataset`: colour x shape classes, base/new as a checkerboard, captions for pretraining).
 Not included: Dassl's other transforms (colour jitter, Gaussian noise, ...), the `repeat` option of
 few-shot sampling, multi-view (K_TRANSFORMS) loading, unlabelled/target-domain loaders.
 

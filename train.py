@@ -1,6 +1,7 @@
 """Train a prompt learner on few shots and evaluate it: the CoOp-family protocols in one flat script.
 
-`python train.py --dataset dtd --root DATA --method ivlp --shots 16 --seed 1` trains IVLP on DTD's base classes
+`python train.py` with no arguments runs ProMetaR on the offline testbed (`--dataset world`, the shipped small CLIP,
+about 100 s on a CPU). `python train.py --dataset dtd --root DATA --method ivlp --shots 16` trains IVLP on DTD's base classes
 (base-to-new, CoCoOp arXiv:2203.05557v2 Sec. 4.1) and writes `results.json` (base, new, HM) and the prompts into
 `output/base2new/dtd/ivlp/shots_16/seed_1/`. Methods: zero-shot CLIP, CoOp (arXiv:2109.01134v6), IVLP (MaPLe
 arXiv:2210.03117v3 Sec. 4), PromptSRC (arXiv:2307.06948v2); defaults per method are the official configs.
