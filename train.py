@@ -108,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs)")
     args = p.parse_args(argv)
+    if args.eval_only and not args.checkpoint:
+        p.error("--eval-only needs --checkpoint (a prompts.pt or checkpoint.pt written by train.py)")
     # unset flags: the testbed's values on `world`, else the method's official config, else the general ones
     defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[args.method],
                 **(TESTBED_DEFAULTS if args.dataset == "world" else {})}
@@ -367,5 +369,5 @@ def progress(iterable, desc, disable):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (data.DataError, clip_model.CheckpointError, FileNotFoundError) as e:
+    except (data.DataError, clip_model.CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
