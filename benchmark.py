@@ -5,8 +5,9 @@ the image forward (batch 4, 224 px) and the text forward for 47 prompts (DTD's c
 truncation to the longest prompt. Each case runs in a fresh process, so its peak resident memory (ru_maxrss,
 weights included) is its own. Reported time: median over repeats after one warm-up, under `torch.no_grad()`.
 `python benchmark.py methods` times one training iteration of CoOp, IVLP, PromptSRC and ProMetaR (step A + the
-second-order meta step) at ViT-B/16, batch 4, 24 classes (DTD's base classes; the setting of prometar.md Sec. 9,
-where the official ProMetaR code takes 41 s and 12.8 GB per iteration on this CPU), the same way.
+second-order meta step) at ViT-B/16, batch 4, 24 classes (DTD's base classes, the setting
+where the official ProMetaR code, mlvlab/ProMetaR @ c907bdb, took 41 s and 12.8 GB per iteration on a 2-core CPU),
+the same way.
 
 `python benchmark.py testbed` trains and evaluates zero-shot CLIP, CoOp, IVLP and ProMetaR on the offline testbed
 (`--dataset world`, the shipped small CLIP, each method's testbed defaults from train.py) for seeds 1, 2, 3, and
@@ -31,10 +32,10 @@ import train
 
 VIT_B16 = {"embed_dim": 512, "image_resolution": 224, "vision_layers": 12, "vision_width": 768,
            "vision_patch_size": 16, "context_length": 77, "vocab_size": 49408, "transformer_width": 512,
-           "transformer_heads": 8, "transformer_layers": 12}  # protocol.md Sec. 7.2 (inferred from ViT-B-16.pt)
-DTD_CLASSES = 47  # protocol.md Sec. 1.0
-BATCH = 4  # ProMetaR / PromptSRC batch size (protocol.md Sec. 4)
-BASE_CLASSES = 24  # DTD base classes (protocol.md Sec. 1.0)
+           "transformer_heads": 8, "transformer_layers": 12}  # shapes of OpenAI's ViT-B-16.pt
+DTD_CLASSES = 47  # DTD (CoOp split_zhou_DescribableTextures.json)
+BATCH = 4  # ProMetaR / PromptSRC configs DATALOADER.TRAIN_X.BATCH_SIZE
+BASE_CLASSES = 24  # DTD base classes: ceil(47 / 2) (CoCoOp subsample_classes)
 CASES = {"clip": ("image", "text_truncated", "text_full"), "methods": ("coop", "ivlp", "promptsrc", "prometar")}
 
 

@@ -373,6 +373,11 @@ def _tensors_of(obj, prefix: str = "") -> dict:
     return out
 
 
+# What reading arbitrary bytes as a zip or pickle can raise (a text file, a truncated download, a foreign format).
+UNREADABLE_FILE_ERRORS = (zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError,
+                          ValueError, TypeError, AttributeError, StopIteration, UnicodeDecodeError)
+
+
 def read_state_dict(path) -> dict:
     """Tensors of a checkpoint file: an OpenAI TorchScript archive (read without running TorchScript), or a file
     written by `torch.save` holding a state dict (optionally under a "state_dict" key)."""
@@ -389,8 +394,10 @@ def read_state_dict(path) -> dict:
                     prefix = pkl[:-len("/data.pkl")]
                     return _tensors_of(_TorchScriptUnpickler(archive.read(pkl), archive, prefix).load())
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError, EOFError, KeyError, StopIteration) as e:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {e}") from None
+    except UNREADABLE_FILE_ERRORS:
+        # our sentence only: torch's weights_only text would suggest weights_only=False, which runs the file's code
+        raise CheckpointError(f"cannot read {path}: not a CLIP checkpoint (truncated, or not an OpenAI .pt / "
+                              "torch.save file); pass a model name or the path of a CLIP .pt file") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -462,7 +469,7 @@ def load(name_or_path, device=None, download_root=None) -> CLIP:
     try:
         return build_model(read_state_dict(path)).to(device)
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ Deliberate differences from CoOp:
     absolute paths), at the same place: <dataset folder>/split_fewshot/shot_{K}-seed_{S}.json
     (DG suites: <target domain>_shot_{K}-seed_{S}.json; MetaPrompt prefixes the target's index).
   * Test-only datasets (ImageNet-V2/-Sketch/-A/-R) return an empty train list (CoOp sets train = test).
-Also here: a synthetic dataset for tests (`make_synthetic_dataset`) and the offline testbed's procedural world
-(`make_world_dataset`: colour x shape classes, base/new as a checkerboard, captions for pretraining).
+Also here: a small synthetic dataset for tests (`make_synthetic_dataset`). The offline testbed's world is read like
+any CoOp dataset (`world`); it is written by testbed.py.
 Not included: Dassl's other transforms (colour jitter, Gaussian noise, ...), the `repeat` option of
 few-shot sampling, multi-view (K_TRANSFORMS) loading, unlabelled/target-domain loaders.
 
@@ -41,6 +41,7 @@ Shape legend: B images in a batch, H = W = image size.
 """
 import argparse
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -54,7 +55,6 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
@@ -259,7 +259,7 @@ DATASETS = {
                              ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
     "synthetic": DatasetSpec("Synthetic", "synthetic", "images", "split", "made by make_synthetic_dataset()",
                              "synthetic/{images/<class>/*.jpg, split_zhou_Synthetic.json}"),
-    "world": DatasetSpec("World", "world", "images", "split", "made by make_world_dataset() on first use",
+    "world": DatasetSpec("World", "world", "images", "split", "made by: python testbed.py world ROOT",
                          "world/{images/<colour_shape>/*.png, split_zhou_World.json}"),
 }
 TEST_ONLY = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
@@ -345,8 +345,14 @@ def read_and_split_data(image_dir, rng, p_trn=P_TRAIN, p_val=P_VAL, dataset=""):
     """CoOp DTD.read_and_split_data: per class folder (sorted), shuffle, first round(n*p_trn) train,
     next round(n*p_val) val, rest test. Ours lists files sorted before shuffling (CoOp: unsorted)."""
     train, val, test = [], [], []
-    for label, folder in enumerate(list_subfolders(image_dir)):
+    folders = list_subfolders(image_dir)
+    if not folders:
+        raise DataError(f"{image_dir} holds no class folders; expected <class>/<image> inside it")
+    for label, folder in enumerate(folders):
         images = [os.path.join(image_dir, folder, f) for f in list_images(Path(image_dir) / folder)]
+        if not images:
+            raise DataError(f"class folder {Path(image_dir) / folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                            "add its images or remove the folder")
         rng.shuffle(images)
         n_train, n_val = round(len(images) * p_trn), round(len(images) * p_val)
         classname = clean_classname(dataset, folder)
@@ -402,14 +408,31 @@ def check_split_against_published(name, train, val, image_dir):
     return True
 
 
+def gdrive_url(file_id):
+    return f"https://drive.google.com/uc?id={file_id}"
+
+
 def download_coop_split(name, folder, image_dir):
-    """Fetch CoOp's original split file from Google Drive and keep it only if it passes the published check."""
+    """Fetch CoOp's original split file from Google Drive into a temporary folder; it is moved next to the data
+    only if it is valid JSON and reproduces CoOp's published few-shot selection, and deleted otherwise."""
     filename = f"split_zhou_{get_spec(name).coop_name}.json"
-    download_file_from_google_drive(GDRIVE_SPLIT_IDS[name], str(folder), filename)
-    train, val, _ = read_split(folder / filename, image_dir)
-    if not check_split_against_published(name, train, val, image_dir):
-        (folder / filename).unlink()
-        raise DataError(f"downloaded {filename} does not reproduce CoOp's published few-shot selection; removed it")
+    by_hand = (f"download {gdrive_url(GDRIVE_SPLIT_IDS[name])} by hand and save it as {folder / filename}, or run "
+               "without --download to use a split made here (not comparable with published numbers)")
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".split-") as tmp:
+        try:
+            download_file_from_google_drive(GDRIVE_SPLIT_IDS[name], tmp, filename)
+        except Exception as e:  # noqa: BLE001 -- gdown missing (RuntimeError), quota or 404 (gdown's own types)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"could not download CoOp's {filename} from Google Drive ({reason}); {by_hand}") from None
+        try:
+            train, val, _ = read_split(Path(tmp) / filename, image_dir)
+        except (OSError, ValueError, KeyError, IndexError, TypeError):  # an HTML quota page, a truncated file, ...
+            raise DataError(f"the file Google Drive returned for {filename} is not a CoOp split file (deleted); "
+                            f"{by_hand}") from None
+        if not check_split_against_published(name, train, val, image_dir):
+            raise DataError(f"downloaded {filename} does not reproduce CoOp's published few-shot selection (deleted); "
+                            f"{by_hand}")
+        os.replace(Path(tmp) / filename, folder / filename)
     return folder / filename
 
 
@@ -428,11 +451,8 @@ def generate_split(name, folder, image_dir):
 
 def obtain_split(name, folder, image_dir, download):
     """Split file of food101/sun397 when CoOp's is not in the folder: download it, or make one (with a warning)."""
-    if download:
-        try:
-            return download_coop_split(name, folder, image_dir)
-        except (OSError, RuntimeError) as e:  # no network, no gdown, quota exceeded
-            warnings.warn(f"could not download CoOp's split for {name} ({e}); generating one instead", stacklevel=3)
+    if download:  # the user asked for CoOp's file: a failure is an error, never a silent fallback
+        return download_coop_split(name, folder, image_dir)
     path = folder / f"split_generated_{get_spec(name).coop_name}.json"
     if not path.exists():
         path = generate_split(name, folder, image_dir)
@@ -476,8 +496,11 @@ def read_class_folders(image_dir, folders, names):
     missing = [f for f in folders if not (Path(image_dir) / f).is_dir()]
     if missing:
         raise DataError(f"{len(missing)} of {len(folders)} class folders missing in {image_dir}, e.g. {missing[0]}")
-    return [Datum(os.path.join(image_dir, f, im), label, name)
-            for label, (f, name) in enumerate(zip(folders, names)) for im in list_images(Path(image_dir) / f)]
+    items = [Datum(os.path.join(image_dir, f, im), label, name)
+             for label, (f, name) in enumerate(zip(folders, names)) for im in list_images(Path(image_dir) / f)]
+    if not items:
+        raise DataError(f"the class folders in {image_dir} hold no images; delete them and extract the dataset again")
+    return items
 
 
 def read_imagenet(folder, image_dir):
@@ -531,30 +554,48 @@ def read_dg_folders(split_dir, domain, classnames=None, dataset=""):
         name = classnames[label] if classnames else clean_classname(dataset, folder)
         items += [Datum(os.path.join(split_dir, folder, im), label, name, domain)
                   for im in list_images(Path(split_dir) / folder)]
+    if not items:
+        raise DataError(f"{split_dir} holds no images in class folders; delete the dataset folder and extract it again")
     return items
+
+
+# Which lists of a DG suite make its val and test sets (MetaPrompt datasets/{pacs,vlcs,office_home,domainnet}.py);
+# train is always the sources' "train" list.
+DG_VAL_TEST = {"pacs": ("crossval", "train+crossval"), "vlcs": ("crossval", "test"),
+               "office_home": ("val", "train+val"), "domainnet": ("test", "test")}
+
+
+def dg_list_path(name, folder, domain, split):
+    """The list file (PACS, DomainNet) or split folder (VLCS, OfficeHome) of one domain and split."""
+    if name == "pacs":
+        return folder / "splits" / f"{domain}_{split}_kfold.txt"
+    if name == "domainnet":
+        return folder / "splits" / f"{domain}_{split}.txt"
+    return folder / (domain.upper() if name == "vlcs" else domain) / split
+
+
+def dg_lists(name, target):
+    """[(part, domain index, domain, split)] of every list a DG run reads, part in train / val / test."""
+    sources, target = split_domains(get_spec(name), target)
+    val_split, test_split = DG_VAL_TEST[name]
+    return [(part, d, dname, s) for part, domains, splits in (("train", sources, "train"), ("val", sources, val_split),
+                                                              ("test", [target], test_split))
+            for d, dname in enumerate(domains) for s in splits.split("+")]
 
 
 def read_dg(name, folder, image_dir, target):
     """Multi-source DG (MetaPrompt datasets/{pacs,vlcs,office_home,domainnet}.py): train/val = the source
     domains (domain = index among the sources), test = the target domain (domain 0)."""
-    sources, target = split_domains(get_spec(name), target)
-
-    def read(domains, split):
-        out = []
-        for d, dname in enumerate(domains):
-            for s in split.split("+"):
-                if name == "pacs":
-                    out += read_dg_list_file(folder / "splits" / f"{dname}_{s}_kfold.txt", image_dir, d, 1, -2)
-                elif name == "domainnet":
-                    out += read_dg_list_file(folder / "splits" / f"{dname}_{s}.txt", image_dir, d, 0, 1)
-                elif name == "vlcs":
-                    out += read_dg_folders(folder / dname.upper() / s, d, classnames=VLCS_CLASSES)
-                else:
-                    out += read_dg_folders(folder / dname / s, d, dataset=name)
-        return out
-    val_split, test_split = {"pacs": ("crossval", "train+crossval"), "vlcs": ("crossval", "test"),
-                             "office_home": ("val", "train+val"), "domainnet": ("test", "test")}[name]
-    return read(sources, "train"), read(sources, val_split), read([target], test_split)
+    out = {"train": [], "val": [], "test": []}
+    for part, d, dname, split in dg_lists(name, target):
+        path = dg_list_path(name, folder, dname, split)
+        if name == "pacs":
+            out[part] += read_dg_list_file(path, image_dir, d, 1, -2)
+        elif name == "domainnet":
+            out[part] += read_dg_list_file(path, image_dir, d, 0, 1)
+        else:
+            out[part] += read_dg_folders(path, d, classnames=VLCS_CLASSES if name == "vlcs" else None, dataset=name)
+    return out["train"], out["val"], out["test"]
 
 
 def read_lists(name, folder, download=False, target=None):
@@ -604,15 +645,39 @@ def fewshot_cache_path(folder, shots, seed, target=None):
     return Path(folder) / "split_fewshot" / f"{prefix}shot_{shots}-seed_{seed}.json"
 
 
+def source_digest(train, val, image_dir):
+    """SHA256 of the train and val lists a few-shot selection is drawn from (relative path, label, class name and
+    domain of every item, in order): a cached selection is valid only for the lists it records."""
+    digest = hashlib.sha256()
+    prefix = len(str(image_dir).rstrip("/")) + 1
+    for part, items in (("train", train), ("val", val)):
+        digest.update(f"{part}\n".encode())
+        for d in items:
+            rel = d.impath[prefix:] if d.impath.startswith(str(image_dir)) else d.impath
+            digest.update(f"{rel}\t{d.label}\t{d.classname}\t{d.domain}\n".encode())
+    return digest.hexdigest()
+
+
 def load_or_sample_fewshot(path, image_dir, train, val, shots, seed, sample_val=True):
-    """CoOp's caching: an existing cache file wins; otherwise sample train then val (same stream) and save."""
+    """CoOp's caching, tied to the split: a cache file drawn from the same train/val lists (same SHA256) wins;
+    otherwise sample train then val (same stream) and save, with a notice when a stale cache is replaced (e.g.
+    CoOp's split file arrived after a generated one was used: the old draw may hold its test images)."""
+    digest = source_digest(train, val, image_dir)
     if path.exists():
-        cached = read_json(path)
-        cached_val = items_from_entries(cached["val"], image_dir) if "val" in cached else val
-        return items_from_entries(cached["train"], image_dir), cached_val
+        try:
+            cached = read_json(path)
+        except ValueError:
+            cached = {}
+        if cached.get("source_sha256") == digest:
+            cached_val = items_from_entries(cached["val"], image_dir) if "val" in cached else val
+            return items_from_entries(cached["train"], image_dir), cached_val
+        warnings.warn(f"{path} was drawn from other train/val lists than the current split (or records none); "
+                      f"drawing the {shots}-shot selection again", stacklevel=2)
+    if not train:
+        raise DataError(f"no training images to draw {shots} shots from in {image_dir}")
     rng = random.Random(seed)
     train = generate_fewshot(train, shots, rng)
-    cache = {"train": entries_from_items(train, image_dir)}
+    cache = {"train": entries_from_items(train, image_dir), "source_sha256": digest}
     if sample_val:  # CoOp ImageNet: only train is sampled (val = test)
         val = generate_fewshot(val, min(shots, VAL_SHOTS_CAP), rng)
         cache["val"] = entries_from_items(val, image_dir)
@@ -640,6 +705,8 @@ def download_hint(name, root):
     spec = get_spec(name)
     if name in DOWNLOADERS:
         how = f"get it with: python data.py --dataset {name} --root {root} --download"
+    elif name == "world":
+        how = f"make it with: python testbed.py world {root}"
     else:
         how = f"get it from {spec.url}"
     return f"{how}; expected layout under the root: {spec.layout}"
@@ -654,13 +721,64 @@ def check_folder(name, root, folder):
             raise DataError(f"{what} {path} not found; {download_hint(name, root)}")
 
 
+REQUIRED_WHAT = {  # what the files a reader needs besides the images are, for the error message
+    "fgvc_aircraft": "the class list and split lists of the archive's data/ folder",
+    "sun397": "SUN397's class list and partition 01 (ClassName.txt, Training_01.txt, Testing_01.txt from "
+              "Partitions.zip), needed to make a split when CoOp's split_zhou_SUN397.json is not there",
+    "pacs": "PACS's split lists (splits/ in Dassl's archive)",
+    "domainnet": "DomainNet's split lists (splits/ of the cleaned release)",
+    "vlcs": "a domain's split folder", "office_home": "a domain's split folder",
+}
+
+
+def required_paths(name, folder, target=None, download=False):
+    """Files and folders the reader of `name` needs besides the images (cheap to check, before any work)."""
+    spec = get_spec(name)
+    if spec.kind == "fgvc":
+        return [folder / "variants.txt"] + [folder / f"images_variant_{s}.txt" for s in ("train", "val", "test")]
+    if name == "sun397":
+        splits = [folder / f"split_{kind}_SUN397.json" for kind in ("zhou", "generated")]
+        if download or any(p.exists() for p in splits):
+            return []
+        return [folder / f for f in ("ClassName.txt", "Training_01.txt", "Testing_01.txt")]
+    if name in DG_VAL_TEST:
+        return list(dict.fromkeys(dg_list_path(name, folder, dname, split)
+                                  for _, _, dname, split in dg_lists(name, target)))
+    return []
+
+
+def check_request(name, root, shots=16, download=False, target_domain=None):
+    """Everything about a dataset request that needs no download and no image: the name, the shots, the target
+    domain, the root, the dataset and image folders and the files the reader needs (unless --download will fetch
+    the dataset). Raises DataError with one line that says what is wrong and how to fix it."""
+    spec = get_spec(name)
+    if shots < -1:
+        raise DataError(f"--shots {shots}: give a number of images per class (1, 2, 4, 8, 16), or -1 for all")
+    if spec.domains:
+        split_domains(spec, target_domain)
+    elif target_domain is not None:
+        suites = ", ".join(n for n, s in DATASETS.items() if s.domains)
+        raise DataError(f"{name} has no domains; --target-domain is only for the DG suites ({suites})")
+    root = Path(root).expanduser()
+    folder = root / spec.dataset_dir
+    if download and not folder.is_dir():
+        if name not in DOWNLOADERS:
+            raise DataError(f"{name} cannot be downloaded automatically; {download_hint(name, root)}")
+        return
+    check_folder(name, root, folder)
+    for path in required_paths(name, folder, target_domain, download):
+        if not path.exists():
+            raise DataError(f"{path} not found: {name} needs {REQUIRED_WHAT[name]}; {download_hint(name, root)}")
+
+
 def check_images_exist(items, folder):
     """Dassl asserts every listed image exists; we report how many are missing, never skip them."""
     paths = sorted({d.impath for d in items})
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} images listed in the split are missing under {folder}, "
-                        f"e.g. {missing[0]}")
+                        f"e.g. {missing[0]}; if an extraction or copy was interrupted, delete {folder} and get the "
+                        "dataset again (--download where supported)")
 
 
 def classnames_of(*lists):
@@ -678,14 +796,13 @@ def build_dataset(name, root, shots=16, seed=1, subsample="all", download=False,
     ignore shots and subsample. DG suites (pacs, vlcs, office_home, domainnet) need target_domain.
     Returns DatasetSplits(train, val, test, classnames); classnames[label] for the (relabelled) labels.
     """
+    check_request(name, root, shots, download, target_domain)
     spec = get_spec(name)
     root = Path(root).expanduser()
     folder = root / spec.dataset_dir
-    if name == "world" and not folder.is_dir():  # the offline testbed is made, not downloaded
-        make_world_dataset(root)
     if download and not folder.is_dir():
         download_dataset(name, root)
-    check_folder(name, root, folder)
+        check_request(name, root, shots, False, target_domain)
     train, val, test, classnames = read_lists(name, folder, download, target_domain)
     if name not in TEST_ONLY:
         if shots >= 1:
@@ -827,127 +944,6 @@ def make_synthetic_dataset(root, n_classes=6, n_per_class=10, image_size=(32, 32
     return classnames
 
 
-# --- the offline testbed: a procedural world of shapes, colours and patterns (issue #8) ---------------------------
-# Small images of composable concepts with captions. Classes are colour x shape combinations; "base" combinations
-# form a checkerboard (colour index + shape index even), so every colour and every shape occurs among both base and
-# new classes. The testbed CLIP (pretrain_testbed.py) is pretrained on captions of base combinations only, so new
-# classes are new *combinations* of known words: zero-shot transfer to them is real but weak, as with real CLIP.
-WORLD_COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (45, 75, 215), "yellow": (230, 205, 35),
-                 "purple": (135, 55, 175), "orange": (240, 135, 30), "pink": (240, 130, 185), "cyan": (40, 200, 210)}
-WORLD_SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
-WORLD_PATTERNS = ("plain", "striped", "dotted")
-WORLD_SIZES = ("small", "large")
-WORLD_POSITIONS = ("center", "top left", "top right", "bottom left", "bottom right")
-WORLD_IMAGE_SIZE, WORLD_DRAW_SCALE = 32, 2  # drawn at 64 px, box-downsampled (shared/spec/testbed.md Sec. 1)
-WORLD_MAX_ROTATION = 14  # degrees
-WORLD_NOISE_STD = 6.0  # per-pixel Gaussian noise (0-255 scale), from the scene's own random stream
-WORLD_CROP_SCALE = (0.5, 1.0)  # train-time RandomResizedCrop scale: Dassl's 0.08 would crop a 32 px shape away
-WORLD_WASHOUT = 0.6  # downstream style shift: blend towards grey (testbed.md Sec. 4: "washed-out colours")
-WORLD_SPLIT = (20, 4, 50)  # train / val / test images per class of the downstream task
-WORLD_SEED = 0
-CAPTION_TEMPLATES = (  # {c} colour, {s} shape, {p} pattern, {z} size, {o} position
-    "a {c} {s}", "a photo of a {c} {s}.", "a {c} {p} {s}", "a {z} {c} {s}", "a {z} {c} {p} {s} on the {o}",
-    "a {s} that is {c}", "a picture of a {c} {s}", "the {c} {s}", "a {p} {c} {s}", "a {c} {s} on the {o}",
-    "a drawing of a {z} {c} {s}", "a {s} colored {c}", "an image of a {c} {s}", "a photo of the {c} {s}.",
-    "a {z} {p} {c} {s}",
-)
-
-
-def world_classes():
-    """[(colour, shape)] in label order: the 24 base combinations first, then the 24 new ones, so that CoCoOp's
-    rule (base = the first half of the labels) picks the checkerboard."""
-    combos = [(c, s) for ci, c in enumerate(WORLD_COLOURS) for si, s in enumerate(WORLD_SHAPES)]
-    is_base = [(ci + si) % 2 == 0 for ci in range(len(WORLD_COLOURS)) for si in range(len(WORLD_SHAPES))]
-    return [c for c, b in zip(combos, is_base) if b] + [c for c, b in zip(combos, is_base) if not b]
-
-
-def sample_world_attributes(rng, colour=None, shape=None):
-    """A random scene: colour, shape, pattern, size, position (names), fixed colour/shape if given."""
-    return {"c": colour or rng.choice(list(WORLD_COLOURS)), "s": shape or rng.choice(WORLD_SHAPES),
-            "p": rng.choice(WORLD_PATTERNS), "z": rng.choice(WORLD_SIZES), "o": rng.choice(WORLD_POSITIONS)}
-
-
-def shape_polygon(shape, cx, cy, r, angle):
-    """Outline points of a shape of radius r around (cx, cy), rotated by `angle` radians (rings: two circles)."""
-    if shape in ("circle", "ring"):
-        n, radii = 32, [r]
-    elif shape == "square":
-        n, radii, angle = 4, [r], angle + math.pi / 4
-    elif shape == "triangle":
-        n, radii, angle = 3, [r], angle - math.pi / 2
-    elif shape == "star":
-        n, radii, angle = 10, [r, 0.45 * r], angle - math.pi / 2
-    else:  # cross: a plus sign of arm half-width r / 3
-        w = r / 3
-        corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w),
-                   (-w, w), (-w, r)]
-        return [(cx + x * math.cos(angle) - y * math.sin(angle), cy + x * math.sin(angle) + y * math.cos(angle))
-                for x, y in corners]
-    return [(cx + radii[k % len(radii)] * math.cos(angle + 2 * math.pi * k / n),
-             cy + radii[k % len(radii)] * math.sin(angle + 2 * math.pi * k / n)) for k in range(n)]
-
-
-def render_world_image(attrs, rng, washout=0.0):
-    """A 32 px RGB image of the scene `attrs` (PIL), drawn at 64 px: tinted gradient background, shape with its
-    pattern and a jittered colour, pixel noise; `washout` blends it towards grey (the downstream style shift)."""
-    n = WORLD_IMAGE_SIZE * WORLD_DRAW_SCALE
-    grey, tint = rng.randint(70, 190), [rng.randint(-20, 20) for _ in range(3)]
-    slope = rng.uniform(-0.6, 0.6)
-    ramp = slope * (np.arange(n) - n / 2)  # (n,) a horizontal gradient
-    pixels = np.broadcast_to(grey + np.asarray(tint)[None, None, :] + ramp[None, :, None], (n, n, 3))  # (n, n, 3)
-    background = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    jitter = rng.uniform(0.8, 1.15)
-    colour = tuple(max(0, min(255, int(v * jitter))) for v in WORLD_COLOURS[attrs["c"]])
-    fill = Image.new("RGB", (n, n), colour)
-    if attrs["p"] != "plain":  # darker stripes or dots inside the shape
-        dark = tuple(v // 3 for v in colour)
-        draw = ImageDraw.Draw(fill)
-        for k in range(0, n, 8):
-            if attrs["p"] == "striped":
-                draw.rectangle([k, 0, k + 3, n], fill=dark)
-            else:
-                for j in range(2, n, 8):
-                    draw.ellipse([k + 2, j, k + 5, j + 3], fill=dark)
-    r = n * (0.17 if attrs["z"] == "small" else 0.3)
-    offset = {"center": (0, 0), "top left": (-1, -1), "top right": (1, -1), "bottom left": (-1, 1),
-              "bottom right": (1, 1)}[attrs["o"]]
-    cx, cy = n / 2 + offset[0] * (n / 2 - r - 2), n / 2 + offset[1] * (n / 2 - r - 2)
-    mask = Image.new("L", (n, n), 0)
-    angle = math.radians(rng.uniform(-WORLD_MAX_ROTATION, WORLD_MAX_ROTATION))
-    ImageDraw.Draw(mask).polygon(shape_polygon(attrs["s"], cx, cy, r, angle), fill=255)
-    if attrs["s"] == "ring":
-        ImageDraw.Draw(mask).ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2], fill=0)
-    image = Image.composite(fill, background, mask).resize((WORLD_IMAGE_SIZE,) * 2, Image.BOX)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, WORLD_NOISE_STD, (WORLD_IMAGE_SIZE,) * 2 + (3,))
-    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
-    return Image.blend(image, Image.new("RGB", image.size, (128, 128, 128)), washout) if washout else image
-
-
-def world_caption(attrs, rng):
-    """A caption of the scene from one of the templates; returns (text, the attribute keys it mentions)."""
-    template = rng.choice(CAPTION_TEMPLATES)
-    mentioned = tuple(k for k in "cspzo" if "{" + k + "}" in template)
-    return template.format(**attrs), mentioned
-
-
-def make_world_dataset(root, seed=WORLD_SEED, per_class=WORLD_SPLIT, washout=WORLD_WASHOUT):
-    """Write the testbed's downstream task in CoOp's layout: `<root>/world/images/<colour>_<shape>/*.png` and
-    `split_zhou_World.json` (48 classes, base first); deterministic for a seed. Returns the class names."""
-    rng = random.Random(seed)
-    folder = Path(root) / "world"
-    splits = {"train": [], "val": [], "test": []}
-    for label, (colour, shape) in enumerate(world_classes()):
-        (folder / "images" / f"{colour}_{shape}").mkdir(parents=True, exist_ok=True)
-        for i in range(sum(per_class)):
-            relpath = f"{colour}_{shape}/{i:03d}.png"
-            render_world_image(sample_world_attributes(rng, colour, shape), rng, washout).save(
-                folder / "images" / relpath)
-            split = "train" if i < per_class[0] else "val" if i < per_class[0] + per_class[1] else "test"
-            splits[split].append([relpath, label, f"{colour} {shape}"])
-    write_json_atomic(splits, folder / "split_zhou_World.json")
-    return [f"{c} {s}" for c, s in world_classes()]
-
-
 # --- downloads (torchvision's download utilities; md5 checked where the publisher gives one) -----------------
 def fetch(url, downloads, md5=None):
     """Download one file into `downloads` (md5 verified by torchvision) and return its path."""
@@ -1019,16 +1015,27 @@ DOWNLOADERS = {
 
 
 def download_dataset(name, root):
-    """Fetch, verify and extract `name` into the CoOp layout under root (work files in a temporary folder)."""
+    """Fetch, verify and extract `name` into the CoOp layout under root. Archives and the extracted tree live in a
+    temporary folder under root; the dataset folder is renamed into place only when complete, so an interrupted
+    download or extraction leaves nothing half-made (the next --download starts over; leftovers are removed)."""
     if name not in DOWNLOADERS:
         raise DataError(f"{name} cannot be downloaded automatically; {download_hint(name, root)}")
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+    prefix = f".download-{name}-"
+    for stale in root.glob(prefix + "*"):  # a download that was killed: start over
+        shutil.rmtree(stale, ignore_errors=True)
+    folder = root / get_spec(name).dataset_dir
+    with tempfile.TemporaryDirectory(dir=root, prefix=prefix) as tmp:
+        stage = Path(tmp) / "stage"  # the downloaders write <stage>/<dataset folder>
+        stage.mkdir()
         try:
-            DOWNLOADERS[name](root, Path(tmp))
+            DOWNLOADERS[name](stage, Path(tmp))
         except (OSError, RuntimeError) as e:  # network errors are URLError (an OSError); md5 -> RuntimeError
             raise DataError(f"download of {name} failed: {e}; {download_hint(name, root)}") from None
+        if not (stage / folder.name).is_dir():
+            raise DataError(f"the {name} archives did not hold a {folder.name}/ folder; {download_hint(name, root)}")
+        os.replace(stage / folder.name, folder)
 
 
 # --- command line --------------------------------------------------------------------------------------------
@@ -1037,6 +1044,11 @@ def summary(name, splits):
     shown = ", ".join(prompt_classname(c) for c in splits.classnames[:5]) + (", ..." if n_cls > 5 else "")
     return (f"{name}: {n_cls} classes ({shown})\n"
             f"train {len(splits.train)} | val {len(splits.val)} | test {len(splits.test)}")
+
+
+def one_line_warnings():
+    """Command lines print a warning as one line, "warning: <message>" (Python's default adds the source line)."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
 def main(argv=None):
@@ -1063,4 +1075,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings()
     main()

@@ -20,15 +20,17 @@ import torch
 import clip_model
 import data
 import prompts
+import testbed
 
 DATASET_ORDER = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                  "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]  # the papers' column order
 LEARNER_KEYS = ("n_ctx", "ctx_init", "class_specific", "class_token_position", "n_ctx_text", "n_ctx_vision",
                 "text_depth", "vision_depth")  # train.py flags that shape a learner
 
-# Published base/new accuracy (ViT-B/16, 16 shots, mean of 3 seeds). Source: shared/spec/prometar.md Sec. 8
-# (CoCoOp / MaPLe / PromptSRC tables as reproduced there; averages confirmed by PromptSRC's README). ProMetaR rows:
-# paper Table 1 as reproduced there; OxfordPets-new, SUN397-new and UCF101-new are flagged low-confidence.
+# Published base/new accuracy (ViT-B/16, 16 shots, mean of 3 seeds). Sources: CoCoOp arXiv:2203.05557v2 Table 1
+# (zero-shot CLIP, CoOp), PromptSRC arXiv:2307.06948v2 Table 1 (averages as in muzairkhattak/PromptSRC's README),
+# ProMetaR arXiv:2404.00851v1 Table 1 (its OxfordPets, SUN397 and UCF101 new-class values could not be checked
+# against the paper's PDF and may be off by a few tenths).
 PUBLISHED = {
     "zeroshot": {"imagenet": (72.43, 68.14), "caltech101": (96.84, 94.00), "oxford_pets": (91.17, 97.26),
                  "stanford_cars": (63.37, 74.89), "oxford_flowers": (72.08, 77.80), "food101": (90.10, 91.22),
@@ -100,8 +102,11 @@ def markdown_table(runs: dict) -> str:
 def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num_workers=data.NUM_WORKERS) -> dict:
     """Accuracy and macro-F1 of saved prompts on `dataset`'s test set restricted to `subsample` classes."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ckpt = torch.load(checkpoint, map_location=device, weights_only=True)
+    ckpt = prompts.read_checkpoint(checkpoint)
     config = ckpt["config"]
+    if dataset == "world":  # the offline testbed is made, not downloaded
+        testbed.ensure_world(root)
+    data.check_request(dataset, root, config["shots"], False, config.get("target_domain"))  # before the backbone
     clip = clip_model.load(backbone or config["backbone"], device=device)
     _, _, test, classnames = data.build_dataset(dataset, root, shots=config["shots"], seed=config["seed"],
                                                 subsample=subsample, target_domain=config.get("target_domain"))
@@ -135,6 +140,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    data.one_line_warnings()
     try:
         main()
     except (data.DataError, clip_model.CheckpointError, FileNotFoundError, ValueError) as e:

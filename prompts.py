@@ -16,6 +16,7 @@ K templates.
 """
 
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -184,7 +185,8 @@ class IVLP(nn.Module):
     Text: the context "a photo of a" (M_t tokens, trainable) at positions 1..M_t, and a fresh (M_t, D) prompt
     replacing those positions before each block 1..text_depth-1. Vision: M_v tokens appended after [CLS, patches]
     (after the positional embedding), and a fresh (M_v, Dv) prompt replacing them before blocks 1..vision_depth-1.
-    Defaults: ProMetaR / PromptSRC base-to-new config (4+4 tokens, depth 9/9; prometar.md Sec. 2).
+    Defaults: ProMetaR / PromptSRC base-to-new config (4+4 tokens, depth 9/9; mlvlab/ProMetaR
+    configs/trainers/ProMetaR/vit_b16_c2_ep10_batch4_4+4ctx.yaml).
     """
 
     def __init__(self, clip, classnames, n_ctx_text: int = 4, n_ctx_vision: int = 4, text_depth: int = 9,
@@ -232,6 +234,25 @@ def load_prompts(learner: nn.Module, state: dict) -> None:
                 raise ValueError(f"prompt {name}: checkpoint shape {tuple(value.shape)}, learner "
                                  f"{tuple(expected[name].shape)} (class-specific contexts cannot change classes)")
             expected[name].copy_(value)
+
+
+def read_checkpoint(path, method: str | None = None) -> dict:
+    """A prompts.pt / checkpoint.pt written by train.py ({"prompts", "config", ...}), loaded on the CPU with
+    weights_only; one-line errors for a missing or foreign file, or one trained with another `method`."""
+    if not Path(path).is_file():
+        raise clip_model.CheckpointError(f"--checkpoint {path} does not exist; pass the prompts.pt of a run folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (*clip_model.UNREADABLE_FILE_ERRORS, OSError):
+        raise clip_model.CheckpointError(f"--checkpoint {path} is not a checkpoint written by train.py (truncated, "
+                                         "or another kind of file); pass a run folder's prompts.pt") from None
+    if not isinstance(ckpt, dict) or "prompts" not in ckpt or "config" not in ckpt:
+        raise clip_model.CheckpointError(f"--checkpoint {path} holds no prompts; pass a run folder's prompts.pt")
+    trained = ckpt["config"].get("method")
+    if method is not None and trained != method:
+        raise clip_model.CheckpointError(f"--checkpoint {path} was trained with --method {trained}; evaluate it "
+                                         f"with --method {trained}")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------

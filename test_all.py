@@ -26,6 +26,7 @@ from PIL import Image
 import clip_model
 import data
 import prompts
+import testbed
 
 ROOT = Path(__file__).resolve().parent
 SENTENCES = ["a photo of a dog.", "an origami crane flying over the sea at dawn", "itap of a tench.",
@@ -670,7 +671,8 @@ def test_layout_imagenet_sorted_files(tmp_path):
     for _ in range(2):  # CoOp ImageNet: only train is few-shot (cache holds no val); val stays = test
         few = data.build_dataset("imagenet", tmp_path, shots=1, seed=1)
         assert [d[1] for d in few.train] == [0, 999] and few.val == few.test == splits.test
-    assert list(json.loads((tmp_path / "imagenet/split_fewshot/shot_1-seed_1.json").read_text())) == ["train"]
+    cache = json.loads((tmp_path / "imagenet/split_fewshot/shot_1-seed_1.json").read_text())
+    assert sorted(cache) == ["source_sha256", "train"]
 
 
 @pytest.mark.parametrize("name,n_cls", [("imagenetv2", 1000), ("imagenet_sketch", 1000), ("imagenet_a", 200),
@@ -828,6 +830,208 @@ def test_cli_summary_and_error_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert exit_info.value.code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: dataset folder") and "image-net.org" in err
+
+
+# --- checks before work: one line, exit 1, no traceback, nothing downloaded -------------------------------------
+def run_cli(script, *args, home):
+    """A project command line in a subprocess, with HOME (and so CLIP's download cache) inside the test folder."""
+    env = {**os.environ, "HOME": str(home)}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], check=False, capture_output=True,
+                          text=True, env=env, cwd=home)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    err = result.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.mark.parametrize("case", ["unknown dataset", "missing root", "not a checkpoint", "eval-only checkpoint",
+                                  "eval.py checkpoint", "target domain", "cross-dataset eval set", "shots"])
+def test_cheap_mistakes_are_one_line_before_any_backbone_work(tmp_path, case):
+    """Each mistake is reported before a backbone is loaded or fetched: the named backbone ViT-B/16 would be
+    downloaded into $HOME/.cache/clip, which must stay absent."""
+    b16 = ("--backbone", "ViT-B/16")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "data" / "dtd" / "images").mkdir(parents=True)
+    if case == "unknown dataset":
+        result = run_cli("train.py", "--dataset", "no_such_dataset", *b16, home=tmp_path)
+        fragments = ("unknown dataset 'no_such_dataset'; known: imagenet",)
+    elif case == "missing root":
+        result = run_cli("train.py", "--dataset", "dtd", "--root", "MISSING", *b16, home=tmp_path)
+        fragments = ("data root MISSING does not exist", "--download")
+    elif case == "not a checkpoint":
+        result = run_cli("train.py", "--dataset", "dtd", "--root", tmp_path / "data", "--backbone",
+                         tmp_path / "notes.txt", home=tmp_path)
+        fragments = (f"cannot read {tmp_path / 'notes.txt'}: not a CLIP checkpoint", "pass a model name")
+        assert "weights_only" not in result.stderr
+    elif case == "eval-only checkpoint":
+        result = run_cli("train.py", "--dataset", "dtd", "--root", tmp_path / "data", *b16, "--method", "ivlp",
+                         "--eval-only", "--checkpoint", tmp_path / "nothing.pt", home=tmp_path)
+        fragments = (f"--checkpoint {tmp_path / 'nothing.pt'} does not exist",)
+    elif case == "eval.py checkpoint":
+        result = run_cli("eval.py", "evaluate", "--checkpoint", tmp_path / "notes.txt", "--dataset", "dtd",
+                         "--root", tmp_path / "data", home=tmp_path)
+        fragments = ("is not a checkpoint written by train.py",)
+    elif case == "target domain":
+        result = run_cli("train.py", "--dataset", "dtd", "--root", tmp_path / "data", *b16, "--target-domain",
+                         "sketch", home=tmp_path)
+        fragments = ("dtd has no domains; --target-domain is only for the DG suites (pacs, vlcs",)
+    elif case == "cross-dataset eval set":
+        result = run_cli("train.py", "--dataset", "dtd", "--root", tmp_path / "data", *b16, "--protocol",
+                         "cross_dataset", "--eval-datasets", "eurosat", home=tmp_path)
+        fragments = (f"dataset folder {tmp_path / 'data' / 'eurosat'} not found",)
+    else:
+        result = run_cli("train.py", "--dataset", "dtd", "--root", tmp_path / "data", *b16, "--shots", "-4",
+                         home=tmp_path)
+        fragments = ("--shots -4",)
+        assert result.returncode == 2 and "Traceback" not in result.stderr  # argparse's usage error
+        assert not (tmp_path / ".cache").exists()
+        return
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / ".cache").exists()  # no download was attempted
+
+
+def run_data_cli(capsys, *argv):
+    """data.py's command line in-process (an interpreter start costs seconds): (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        data.main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_missing_annotation_files_are_named(tmp_path, capsys):
+    """SUN397 ClassName.txt, FGVCAircraft variants.txt, PACS/DomainNet split lists, VLCS/OfficeHome domain folders:
+    the message names the missing path and how to get it."""
+    (tmp_path / "sun397" / "SUN397").mkdir(parents=True)
+    (tmp_path / "fgvc_aircraft" / "images").mkdir(parents=True)
+    (tmp_path / "pacs" / "images").mkdir(parents=True)
+    (tmp_path / "domainnet").mkdir()
+    (tmp_path / "vlcs" / "CALTECH" / "train").mkdir(parents=True)
+    (tmp_path / "office_home").mkdir()
+    cases = [
+        (["--dataset", "sun397"], tmp_path / "sun397" / "ClassName.txt", "Partitions.zip"),
+        (["--dataset", "fgvc_aircraft"], tmp_path / "fgvc_aircraft" / "variants.txt", "--download"),
+        (["--dataset", "pacs", "--target-domain", "sketch"], tmp_path / "pacs" / "splits" /
+         "art_painting_train_kfold.txt", "Dassl's archive"),
+        (["--dataset", "domainnet", "--target-domain", "real"], tmp_path / "domainnet" / "splits" /
+         "clipart_train.txt", "ai.bu.edu"),
+        (["--dataset", "vlcs", "--target-domain", "sun"], tmp_path / "vlcs" / "LABELME" / "train",
+         "vlcs/<CALTECH|LABELME|PASCAL|SUN>"),
+        (["--dataset", "office_home", "--target-domain", "art"], tmp_path / "office_home" / "clipart" / "train",
+         "office_home/<domain>/{train,val}"),
+    ]
+    for argv, path, hint in cases:
+        code, err = run_data_cli(capsys, *argv, "--root", tmp_path)
+        assert code == 1 and err.count("\n") == 1 and err.startswith(f"error: {path} not found"), err
+        assert hint in err, (hint, err)
+    result = run_cli("data.py", "--dataset", "sun397", "--root", tmp_path, home=tmp_path)  # the script itself
+    assert_one_line_error(result, str(tmp_path / "sun397" / "ClassName.txt"))
+
+
+def food101_folder(root, classes=("apple_pie", "baby_back_ribs"), per_class=10):
+    image_dir = root / "food-101" / "images"
+    touch_images(image_dir / c / f"{i}.jpg" for c in classes for i in range(per_class))
+    return root / "food-101"
+
+
+def test_google_drive_failures_are_errors_and_leave_nothing(tmp_path, capsys, monkeypatch):
+    """--download asked for CoOp's Food101 split: gdown missing, a quota or 404 error and an HTML page instead of
+    JSON each end the run with one line, and no split file (nor a generated one) is kept."""
+    folder = food101_folder(tmp_path)
+
+    class FileURLRetrievalError(Exception):  # gdown's own exception type for quota and permission pages
+        pass
+
+    def failing(error):
+        def fetch(file_id, root, filename):
+            raise error
+        return fetch
+
+    def html_page(file_id, root, filename):
+        Path(root, filename).write_text("<html><body>Google Drive - Quota exceeded</body></html>")
+
+    for fake, fragment in (
+            (failing(RuntimeError("To download files from GDrive, 'gdown' is required.")), "'gdown' is required"),
+            (failing(FileURLRetrievalError("Too many users have viewed or downloaded this file recently.\nMore")),
+             "Too many users"),
+            (failing(OSError("404 Client Error: Not Found")), "404"),
+            (html_page, "is not a CoOp split file (deleted)")):
+        monkeypatch.setattr(data, "download_file_from_google_drive", fake)
+        code, err = run_data_cli(capsys, "--dataset", "food101", "--root", tmp_path, "--download")
+        assert code == 1 and err.count("\n") == 1 and fragment in err, err
+        assert "drive.google.com/uc?id=1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl" in err and "without --download" in err
+        assert sorted(p.name for p in folder.iterdir()) == ["images"]  # nothing kept, no temporary folder
+
+
+def test_image_folders_without_images_are_errors_and_nothing_is_cached(tmp_path, capsys):
+    folder = food101_folder(tmp_path)
+    (folder / "images" / "cannoli").mkdir()  # a class folder with no image
+    (folder / "images" / "cannoli" / "notes.txt").write_text("to do")
+    code, err = run_data_cli(capsys, "--dataset", "food101", "--root", tmp_path, "--shots", "4")
+    assert code == 1 and err.count("\n") == 1
+    assert f"class folder {folder / 'images' / 'cannoli'} holds no images" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["images"]  # no split and no few-shot cache written
+    shutil.rmtree(folder / "images")
+    (folder / "images").mkdir()
+    code, err = run_data_cli(capsys, "--dataset", "food101", "--root", tmp_path)
+    assert code == 1 and f"{folder / 'images'} holds no class folders" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["images"]
+
+
+def test_interrupted_download_leaves_nothing_and_starts_over(tmp_path, monkeypatch):
+    """A download killed during extraction never leaves a half-made dataset folder: the folder appears only when
+    complete, and the next --download removes the leftovers of the killed one and starts over."""
+    store = fake_archives(tmp_path)
+    monkeypatch.setattr(data, "download_url", lambda url, root, filename, md5=None:
+                        shutil.copy(store / filename, Path(root) / filename))
+    real = data.DOWNLOADERS["dtd"]
+
+    def dies_half_way(root, tmp):
+        (root / "dtd" / "images" / "banded").mkdir(parents=True)
+        (root / "dtd" / "images" / "banded" / "banded_0001.jpg").write_bytes(JPEG[:10])
+        raise OSError("No space left on device")
+    monkeypatch.setitem(data.DOWNLOADERS, "dtd", dies_half_way)
+    root = tmp_path / "data"
+    with pytest.raises(data.DataError, match="download of dtd failed: No space left on device"):
+        data.download_dataset("dtd", root)
+    assert list(root.iterdir()) == []
+    (root / ".download-dtd-killed" / "stage" / "dtd").mkdir(parents=True)  # what a SIGKILL leaves behind
+    monkeypatch.setitem(data.DOWNLOADERS, "dtd", real)
+    data.download_dataset("dtd", root)
+    assert [p.name for p in root.iterdir()] == ["dtd"]
+    assert (root / "dtd" / "images" / "banded" / "banded_0001.jpg").read_bytes() == JPEG
+
+
+def test_stale_fewshot_cache_is_drawn_again_when_the_split_changes(tmp_path):
+    """Food101 without CoOp's file: a generated split, a cached 4-shot draw; then CoOp's split file arrives (here a
+    different 50/20/30 of the same images). The next run draws again, says so, and trains on no test image."""
+    folder = food101_folder(tmp_path, per_class=20)
+    with pytest.warns(UserWarning, match="not comparable"):
+        first = data.build_dataset("food101", tmp_path, shots=4, seed=1)
+    cache = folder / "split_fewshot" / "shot_4-seed_1.json"
+    assert cache.exists() and len(first.train) == 8
+    generated = data.read_json(folder / "split_generated_Food101.json")
+    coop = {"train": generated["test"][:12] + generated["train"][:8], "val": generated["val"],
+            "test": generated["train"][8:] + generated["test"][12:]}  # an arrival that moves images across splits
+    (folder / "split_zhou_Food101.json").write_text(json.dumps(coop))
+    with pytest.warns(UserWarning, match="drawn from other train/val lists than the current split") as notices:
+        second = data.build_dataset("food101", tmp_path, shots=4, seed=1)
+    assert len([w for w in notices if "drawing the 4-shot selection again" in str(w.message)]) == 1
+    test_paths = {d.impath for d in second.test}
+    assert len(second.train) == 8 and not test_paths & {d.impath for d in second.train}
+    assert test_paths & {d.impath for d in first.train}  # the stale draw did hold test images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same split again: the new cache is used, silently
+        assert data.build_dataset("food101", tmp_path, shots=4, seed=1).train == second.train
+
+
+def test_readme_cites_no_file_users_do_not_have():
+    readme = (ROOT / "README.md").read_text()
+    assert "shared/" not in readme and "spec/" not in readme
+    for path in [p for p in ROOT.glob("*.py")]:
+        assert "shared/spec" not in path.read_text() or path.name == "test_all.py", path
 
 
 # --- synthetic data, transforms, loaders ------------------------------------------------------------------------
@@ -1042,6 +1246,40 @@ def test_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch):
     full = torch.load(tmp_path / "full" / "prompts.pt", weights_only=True)["prompts"]
     resumed = torch.load(tmp_path / "cut" / "prompts.pt", weights_only=True)["prompts"]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def read_log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_log_holds_each_iteration_once_after_a_mid_epoch_resume(harness, tmp_path, monkeypatch):
+    """log.jsonl: one line per iteration with finite losses; a run killed in the middle of its second epoch and
+    resumed (from the first epoch's checkpoint) logs every iteration exactly once, with the uninterrupted values."""
+    import train
+    run_train(harness, tmp_path / "full", "--method", "promptsrc", "--epochs", "3")
+    full = read_log(tmp_path / "full")
+    assert [(r["epoch"], r["iteration"]) for r in full] == [(e, i) for e in range(3) for i in range(3)]  # 12 / 4
+    terms = {"loss_ce", "loss_reg_text", "loss_reg_image", "loss_kl"}
+    assert all(terms | {"accuracy", "lr", "seconds"} <= set(r) and all(math.isfinite(r[k]) for k in terms)
+               for r in full)
+    assert [r["lr"] for r in full[::3]] == [train.dassl_lr(e, 0.05, 3) for e in range(3)]
+    calls, step = [], train.sgd_step
+
+    def killed_mid_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # epoch 1, iteration 1
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train, "sgd_step", killed_mid_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(harness, tmp_path / "cut", "--method", "promptsrc", "--epochs", "3")
+    assert len(read_log(tmp_path / "cut")) == 4  # epoch 0 and the first iteration of epoch 1
+    monkeypatch.setattr(train, "sgd_step", step)
+    run_train(harness, tmp_path / "cut", "--method", "promptsrc", "--epochs", "3", "--resume")
+    resumed = read_log(tmp_path / "cut")
+    assert [(r["epoch"], r["iteration"]) for r in resumed] == [(r["epoch"], r["iteration"]) for r in full]
+    for a, b in zip(full, resumed, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
 def test_eval_only_on_new_classes(harness, tmp_path):
@@ -1324,21 +1562,47 @@ def test_prometar_training_keeps_clip_frozen(harness, tmp_path, base):
 # The offline testbed (issue #8): the procedural world, the shipped small CLIP, the default run
 
 
+def tree_digest(folder, skip="split_fewshot"):
+    """SHA256 over every file under `folder` (but the few-shot caches): its relative path and the SHA256 of its
+    bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and skip not in p.parts:
+            digest.update(p.relative_to(folder).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+# Digests of the world that `train.py --dataset world` wrote before the world moved from data.py to testbed.py
+# (data.make_world_dataset at commit 567880a): the full task, and a small one of 2/1/1 images per class.
+WORLD_DIGEST = "79fb7bb702bd9b50e0573fed6fec153ad426c07354248c852c23bcc5038a1e99"
+SMALL_WORLD_DIGEST = "d6651157b7dcee464fb29c995442658973a30973e01d8204361b353088bdf714"
+
+
+def test_testbed_world_cli_writes_the_same_bytes_as_before(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "testbed.py"), "world", str(tmp_path)],
+                            check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert tree_digest(tmp_path / "world") == WORLD_DIGEST
+    assert [p.name for p in tmp_path.iterdir()] == ["world"]  # no temporary folder left behind
+    again = subprocess.run([sys.executable, str(ROOT / "testbed.py"), "world", str(tmp_path)],
+                           check=False, capture_output=True, text=True)
+    assert again.returncode == 1 and again.stderr.strip() == \
+        f"error: {tmp_path / 'world'} already exists; delete it to write the world again"
+
+
 def test_world_generator_is_deterministic(tmp_path):
-    names_a = data.make_world_dataset(tmp_path / "a", per_class=(2, 1, 1))
-    names_b = data.make_world_dataset(tmp_path / "b", per_class=(2, 1, 1))
-    split_a = (tmp_path / "a" / "world" / "split_zhou_World.json").read_text()
-    assert names_a == names_b and split_a == (tmp_path / "b" / "world" / "split_zhou_World.json").read_text()
-    for rel in ("red_circle/000.png", "cyan_ring/003.png"):
-        assert (tmp_path / "a" / "world" / "images" / rel).read_bytes() == \
-            (tmp_path / "b" / "world" / "images" / rel).read_bytes()
-    split = json.loads(split_a)
+    names_a = testbed.make_world_dataset(tmp_path / "a", per_class=(2, 1, 1))
+    names_b = testbed.make_world_dataset(tmp_path / "b", per_class=(2, 1, 1))
+    assert names_a == names_b and tree_digest(tmp_path / "a" / "world") == SMALL_WORLD_DIGEST
+    assert tree_digest(tmp_path / "b" / "world") == SMALL_WORLD_DIGEST
+    split = json.loads((tmp_path / "a" / "world" / "split_zhou_World.json").read_text())
     assert [len(split[k]) for k in ("train", "val", "test")] == [96, 48, 48]
+    assert data.build_dataset("world", tmp_path / "a", shots=0).classnames == names_a  # read as a CoOp dataset
 
 
 def test_world_classes_checkerboard_base_first():
-    classes = data.world_classes()
-    colours, shapes = list(data.WORLD_COLOURS), list(data.WORLD_SHAPES)
+    classes = testbed.world_classes()
+    colours, shapes = list(testbed.WORLD_COLOURS), list(testbed.WORLD_SHAPES)
     assert len(classes) == 48 and len(set(classes)) == 48
     parity = [(colours.index(c) + shapes.index(s)) % 2 for c, s in classes]
     assert parity == [0] * 24 + [1] * 24  # CoCoOp's rule (first half of the labels) selects the checkerboard
@@ -1348,38 +1612,75 @@ def test_world_classes_checkerboard_base_first():
 
 def test_world_captions_mention_what_they_say():
     rng = random.Random(0)
-    scene = data.sample_world_attributes(rng, "red", "star")
+    scene = testbed.sample_world_attributes(rng, "red", "star")
     for _ in range(30):
-        caption, mentioned = data.world_caption(scene, rng)
+        caption, mentioned = testbed.world_caption(scene, rng)
         assert {"c", "s"} <= set(mentioned) and all(scene[k] in caption for k in mentioned)
         assert len(clip_model.tokenize(caption, context_length=16)[0].nonzero()) <= 16
 
 
+def test_pretraining_stream_unchanged_by_the_move():
+    """The first 64 pretraining images and captions, as pretrain_testbed.py drew them at commit 567880a."""
+    rng = random.Random(0)
+    images, scenes = testbed.render_pretraining_set(64, rng)
+    captions = [testbed.world_caption(s, rng)[0] for s in scenes]
+    assert hashlib.sha256(images.numpy().tobytes()).hexdigest() == \
+        "13cfe5ab7b33d906d4592e12d726bd52adae5072532192b436e19b0624b41cd4"
+    assert hashlib.sha256("|".join(captions).encode()).hexdigest() == \
+        "7a7186b7f78abd1cb284a8d8b21a2f8246cd54951168874f224fb886389f10f5"
+
+
+def test_pairs_csv_follows_open_clips_convention(tmp_path):
+    """`testbed.py pairs DIR --n N`: read as open_clip's CsvDataset reads it (pandas there; csv here, same rules)."""
+    result = subprocess.run([sys.executable, str(ROOT / "testbed.py"), "pairs", str(tmp_path), "--n", "12"],
+                            check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "pairs.csv").read_text().splitlines()
+    assert lines[0] == "filepath\ttitle" and len(lines) == 13
+    import csv
+    with open(tmp_path / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    base = set(testbed.base_classes())
+    for row in rows:
+        image = Image.open(row["filepath"])
+        assert image.size == (32, 32) and image.mode == "RGB" and row["title"].strip()
+        words = row["title"].rstrip(".").split()
+        colour = [w for w in words if w in testbed.WORLD_COLOURS]
+        shape = [w for w in words if w in testbed.WORLD_SHAPES]
+        assert len(colour) == len(shape) == 1 and (colour[0], shape[0]) in base  # pretraining shows base only
+    assert len({r["filepath"] for r in rows}) == 12
+
+
 def test_shipped_testbed_clip_loads_and_knows_new_classes(tmp_path):
-    import train
-    path = Path(train.TESTBED_CHECKPOINT)
+    path = testbed.CHECKPOINT
     assert path.stat().st_size <= 10 * 2 ** 20  # issue #8: at most 10 MB
     assert clip_model.sha256_of(path) == (path.parent / (path.name + ".sha256")).read_text().split()[0]
+    testbed.check_checkpoint(path)
     model = clip_model.load(path, device="cpu")
-    assert model.context_length == 16 and model.visual.input_resolution == data.WORLD_IMAGE_SIZE
-    data.make_world_dataset(tmp_path, per_class=(1, 1, 20))
+    assert model.context_length == 16 and model.visual.input_resolution == testbed.WORLD_IMAGE_SIZE
+    testbed.make_world_dataset(tmp_path, per_class=(1, 1, 20))
     chance = 100 / 24
     for subsample, floor in (("base", 6 * chance), ("new", 4 * chance)):
         _, _, test, names = data.build_dataset("world", tmp_path, shots=0, subsample=subsample)
         learner = prompts.ZeroShotCLIP(model, names, [data.zero_shot_template("world")])
-        loader = data.build_loader(test, train=False, size=data.WORLD_IMAGE_SIZE, num_workers=0)
+        loader = data.build_loader(test, train=False, size=testbed.WORLD_IMAGE_SIZE, num_workers=0)
         accuracy = data.classification_metrics(*prompts.predict(learner, loader, "cpu"))["accuracy"]
         assert accuracy > floor, (subsample, accuracy)
 
 
 def test_default_run_finishes_and_writes_results(tmp_path):
-    """`python train.py` with no arguments: ProMetaR on the testbed (here with its data and output in tmp)."""
+    """`python train.py` with no arguments: ProMetaR on the testbed (here with its data and output in tmp); the
+    world it writes on first use is the recorded one."""
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--root", str(tmp_path / "data"),
                              "--output-dir", str(tmp_path / "out"), "--no-progress"],
                             check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert tree_digest(tmp_path / "data" / "world") == WORLD_DIGEST
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("base ") and ", HM " in last and str(tmp_path / "out" / "results.json") in last
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["method"] == "prometar" and results["config"]["dataset"] == "world"
     assert set(results["splits"]) == {"base", "new"}
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 * (24 * 16 // 4)  # 8 epochs of 96 batches of 4 (16 shots of 24 base classes)
+    assert {"task", "reg", "meta", "accuracy", "lr", "seconds"} <= set(log[-1])

@@ -9,6 +9,8 @@ Optimisation as Dassl: SGD, one constant warm-up epoch, then cosine decay steppe
 the last epoch's (no validation-based selection), as in all three papers.
 ProMetaR (arXiv:2404.00851v1): `--method prometar [--base ivlp|coop]`, the released iteration (`prometar_step`)
 with the bilevel update of `meta.py`; every behaviour of the released code that changes the numbers is a flag.
+Every input that needs no download (datasets, folders, shots, target domain, backbone, checkpoint) is checked before
+the backbone is loaded (`check_inputs`); each run folder gets `log.jsonl`, one JSON line per iteration.
 Not included: MetaPrompt and GRAM (their own issues), CoCoOp and MaPLe, multi-GPU.
 """
 
@@ -27,21 +29,22 @@ import clip_model
 import data
 import meta
 import prompts
+import testbed
 
-# Official configs (shared/spec/protocol.md Sec. 6.1): CoOp configs/trainers/CoOp/vit_b16.yaml + COOP.md epochs;
+# Official configs: KaiyangZhou/CoOp configs/trainers/CoOp/vit_b16.yaml + COOP.md epochs;
 # IVLP and PromptSRC: muzairkhattak/PromptSRC configs/trainers/{IVLP,PromptSRC}/vit_b16_c2_ep20_batch4_4+4ctx.yaml.
 METHOD_DEFAULTS = {
     "zeroshot": {"epochs": 0, "batch_size": 32, "lr": 0.0, "ctx_init": None},
     "coop": {"epochs": None, "batch_size": 32, "lr": 0.002, "ctx_init": None},
     "ivlp": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
     "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
-    # mlvlab/ProMetaR configs/trainers/ProMetaR/vit_b16_c2_ep10_batch4_4+4ctx.yaml (prometar.md Sec. 6.1)
+    # mlvlab/ProMetaR configs/trainers/ProMetaR/vit_b16_c2_ep10_batch4_4+4ctx.yaml
     "prometar": {"epochs": 10, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
 }
 METHODS = (*prompts.METHODS, "prometar")
 # The offline testbed (issue #8; `--dataset world`, the default): the shipped small CLIP (3 layers, so prompt depth
-# 3), tiny images (no loader workers), and learning rates for its logit scale (~18, not 100: testbed.md Sec. 2).
-TESTBED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testbed", "clip_world.pt")
+# 3), tiny images (no loader workers), and learning rates for its logit scale (~18, not 100: see testbed.py).
+TESTBED_CHECKPOINT = str(testbed.CHECKPOINT)
 # Every method gets the same budget there: 8 epochs of batch 4 at lr 0.002 (ProMetaR: 86 s on 2 CPU cores), and
 # CoOp 4 context vectors (its 16 do not fit the testbed's 16-token context).
 TESTBED_DEFAULTS = {"backbone": TESTBED_CHECKPOINT, "text_depth": 3, "vision_depth": 3, "num_workers": 0,
@@ -83,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--n-ctx-vision", type=int, default=4, help="IVLP vision prompt tokens (PromptSRC: 4)")
     p.add_argument("--text-depth", type=int, default=None, help="IVLP text prompt depth (PromptSRC: 9)")
     p.add_argument("--vision-depth", type=int, default=None, help="IVLP vision prompt depth (PromptSRC: 9)")
-    # ProMetaR (released code: mlvlab/ProMetaR trainers/prometar.py, train.py:99-106; prometar.md Sec. 3)
+    # ProMetaR (released code: mlvlab/ProMetaR trainers/prometar.py, train.py:99-106)
     p.add_argument("--base", default="ivlp", choices=["ivlp", "coop"], help="ProMetaR's prompt model (paper: IVLP)")
     p.add_argument("--meta-inner-lr", type=float, default=5e-4, help="alpha of the inner step (ADAPT_LR 5e-4)")
     p.add_argument("--meta-outer-scale", type=float, default=5e-4, help="scale of the outer loss (LR_RATIO 5e-4)")
@@ -110,6 +113,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint (a prompts.pt or checkpoint.pt written by train.py)")
+    for flag in ("shots", "epochs", "batch_size", "n_ctx", "n_ctx_text", "n_ctx_vision", "num_workers"):
+        value = getattr(args, flag)
+        if value is not None and value < (-1 if flag == "shots" else 0):
+            p.error(f"--{flag.replace('_', '-')} {value} must not be negative")
     # unset flags: the testbed's values on `world`, else the method's official config, else the general ones
     defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[args.method],
                 **(TESTBED_DEFAULTS if args.dataset == "world" else {})}
@@ -123,6 +130,26 @@ def parse_args(argv=None):
     args.output_dir = args.output_dir or os.path.join(
         "output", args.protocol, args.dataset, args.method, f"shots_{args.shots}", f"seed_{args.seed}")
     return args
+
+
+def check_inputs(args):
+    """Every check that needs no download and no model, run before the backbone is loaded or fetched: the datasets
+    (name, root, folders, the files their readers need, shots, target domain), the backbone name or file, the
+    checkpoint to evaluate. Raises data.DataError / clip_model.CheckpointError with one line."""
+    if args.dataset == "world":  # the offline testbed is made, not downloaded
+        testbed.ensure_world(args.root)
+    data.check_request(args.dataset, args.root, args.shots, args.download, args.target_domain)
+    for name, dataset, _, target in evaluation_targets(args):
+        if dataset != args.dataset:  # cross-dataset / DG evaluation sets are read, never downloaded
+            data.check_request(dataset, args.root, args.shots, False, target)
+    backbone = str(args.backbone)
+    if backbone not in clip_model.MODELS and not Path(backbone).expanduser().is_file():
+        raise clip_model.CheckpointError(f"--backbone {backbone} is neither a CLIP model name "
+                                         f"({', '.join(clip_model.MODELS)}) nor an existing checkpoint file")
+    if os.path.abspath(backbone) == TESTBED_CHECKPOINT:  # the shipped file must be the one that was pretrained
+        testbed.check_checkpoint(TESTBED_CHECKPOINT)
+    if args.eval_only:
+        prompts.read_checkpoint(args.checkpoint, args.method)
 
 
 def seed_everything(seed: int):
@@ -283,15 +310,11 @@ def write_results(args, splits, device, wall_time):
 
 def main(args):
     start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
+    check_inputs(args)
     seed_everything(args.seed)
-    if os.path.abspath(args.backbone) == TESTBED_CHECKPOINT:  # the shipped file must be the one we pretrained
-        expected = Path(f"{TESTBED_CHECKPOINT}.sha256").read_text().split()[0]
-        if clip_model.sha256_of(TESTBED_CHECKPOINT) != expected:
-            raise clip_model.CheckpointError(f"{TESTBED_CHECKPOINT} does not match its SHA256 {expected}; restore it "
-                                             "from the repository or rebuild it with python pretrain_testbed.py")
     clip = clip_model.load(args.backbone, device=device)
     if args.eval_only:  # evaluate a saved model on any class subset
-        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
+        ckpt = prompts.read_checkpoint(args.checkpoint, args.method)
         metrics = evaluate(args, clip, ckpt["prompts"], args.dataset, args.subsample, device, args.target_domain)
         print(json.dumps(write_results(args, {args.subsample: metrics}, device, time.time() - start_time)["splits"]))
         return
@@ -314,6 +337,8 @@ def main(args):
     scaler = torch.amp.GradScaler(enabled=device == "cuda")  # fp16 autocast on CUDA, fp32 master prompts
     ckpt_path, start_epoch, snapshots = os.path.join(args.output_dir, "checkpoint.pt"), 0, []
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.resume and not os.path.exists(ckpt_path):
+        print(f"--resume: no {ckpt_path} yet, starting from the first epoch", file=sys.stderr)
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         prompts.load_prompts(learner, ckpt["prompts"])
@@ -323,6 +348,7 @@ def main(args):
             gate.load_state_dict(ckpt["gate"])
             gate_optimizer.load_state_dict(ckpt["gate_optimizer"])
     print(json.dumps(vars(args)))
+    log = open_log(os.path.join(args.output_dir, "log.jsonl"), start_epoch)
     for epoch in range(start_epoch, args.epochs):
         # --- ALGO: one epoch of SGD on the few-shot training set (CoOp Sec. 3.2, Dassl schedule) ---
         lr = dassl_lr(epoch, args.lr, args.epochs)
@@ -331,10 +357,11 @@ def main(args):
         torch.manual_seed(args.seed * EPOCH_SEED_STRIDE + epoch)
         loader = data.build_loader(train, train=True, batch_size=args.batch_size, size=clip.visual.input_resolution,
                                    num_workers=args.num_workers, seed=args.seed * EPOCH_SEED_STRIDE + epoch,
-                                   crop_scale=data.WORLD_CROP_SCALE if args.dataset == "world" else data.RRC_SCALE)
+                                   crop_scale=testbed.WORLD_CROP_SCALE if args.dataset == "world" else data.RRC_SCALE)
         learner.train()
         bar = progress(loader, f"epoch {epoch + 1}/{args.epochs}", args.no_progress)
-        for batch in bar:
+        tick = time.perf_counter()
+        for iteration, batch in enumerate(bar):
             images, labels = batch["img"].to(device, non_blocking=True), batch["label"].to(device)
             if gate is not None:
                 losses, logits = prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels)
@@ -342,6 +369,7 @@ def main(args):
                 losses, logits = sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device)
             accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
             bar.set_postfix(loss=f"{sum(losses.values()).item():.4f}", acc=f"{accuracy:.1f}", lr=f"{lr:.2e}")
+            tick = log_iteration(log, epoch, iteration, losses, accuracy, lr, tick)
         # --- bookkeeping: Gaussian prompt aggregation snapshot, atomic checkpoint ---
         if gpa_weights is not None:
             snapshots.append({k: v.detach().clone() for k, v in params.items()})
@@ -349,6 +377,7 @@ def main(args):
                      "epoch": epoch + 1, "snapshots": snapshots, "config": vars(args),
                      "gate": gate.state_dict() if gate is not None else None,
                      "gate_optimizer": gate_optimizer.state_dict() if gate is not None else None}, ckpt_path)
+    log.close()
     if gpa_weights is not None and snapshots:  # PromptSRC Sec. 3.3: the final prompts are the Gaussian average
         prompts.load_prompts(learner, prompts.aggregate_prompts(snapshots, gpa_weights))
     final = {k: v.detach() for k, v in prompts.prompt_parameters(learner).items()}
@@ -361,12 +390,38 @@ def main(args):
           + f"; results in {os.path.join(args.output_dir, 'results.json')}")
 
 
+def open_log(path, start_epoch):
+    """The per-iteration log, `log.jsonl`, opened for appending. A fresh run starts it empty; a resumed run keeps
+    the lines of the epochs its checkpoint holds and drops those of the interrupted epoch, which runs again, so
+    every iteration appears exactly once."""
+    kept = []
+    if start_epoch > 0 and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["epoch"] < start_epoch]
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
+    return open(path, "a")
+
+
+def log_iteration(log, epoch, iteration, losses, accuracy, lr, tick) -> float:
+    """One JSON line: epoch, iteration within it, every loss term, training accuracy (%), lr, wall seconds since the
+    previous line (batch loading included). Flushed at once, so an interrupted run loses no finished line."""
+    now = time.perf_counter()
+    record = {"epoch": epoch, "iteration": iteration, **{k: v.item() for k, v in losses.items()},
+              "accuracy": accuracy, "lr": lr, "seconds": round(now - tick, 4)}
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    return now
+
+
 def progress(iterable, desc, disable):
     from tqdm import tqdm
     return tqdm(iterable, desc=desc, disable=disable, leave=False)
 
 
 if __name__ == "__main__":
+    data.one_line_warnings()
     try:
         main(parse_args())
     except (data.DataError, clip_model.CheckpointError, FileNotFoundError, ValueError) as e:
