@@ -354,7 +354,8 @@ class _TorchScriptUnpickler(pickle.Unpickler):
             return _STORAGE_DTYPES[name]
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
-        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a TorchScript archive")
+        raise CheckpointError(f"refused: its data.pkl asks for {module}.{name}, which a CLIP checkpoint never holds "
+                              "(unpickling it could run code); use OpenAI's original file")
 
     def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
         _, dtype, key, _, _ = pid
@@ -393,7 +394,11 @@ def read_state_dict(path) -> dict:
                     pkl = next(n for n in names if n.endswith("/data.pkl"))
                     prefix = pkl[:-len("/data.pkl")]
                     return _tensors_of(_TorchScriptUnpickler(archive.read(pkl), archive, prefix).load())
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on pickle protocols above 2 before refusing or reading them
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError as e:  # our unpickler refused a global: say which file and why
+        raise CheckpointError(f"cannot read {path}: {e}") from None
     except UNREADABLE_FILE_ERRORS:
         # our sentence only: torch's weights_only text would suggest weights_only=False, which runs the file's code
         raise CheckpointError(f"cannot read {path}: not a CLIP checkpoint (truncated, or not an OpenAI .pt / "

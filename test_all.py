@@ -19,6 +19,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -349,10 +350,13 @@ def test_coop_and_ivlp_at_init_equal_plain_clip(tiny):
             tiny, torch.nn.functional.normalize(tiny.encode_image(images), dim=-1), expected), rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("position,template", [("front", "{} a photo of a."), ("middle", "a photo {} of a.")])
-def test_coop_class_token_positions(tiny, position, template):
-    """CoOp's middle/front prompts with words as context are plain CLIP prompts with the words moved around."""
-    coop = prompts.CoOp(tiny, CLASSNAMES, ctx_init="a photo of a", class_token_position=position)
+@pytest.mark.parametrize("position,template,words", [("front", "{} a photo of a.", "a photo of a"),
+                                                     ("middle", "a photo {} of a.", "a photo of a"),
+                                                     ("middle", "a {} photo of.", "a photo of")])
+def test_coop_class_token_positions(tiny, position, template, words):
+    """CoOp's middle/front prompts with words as context are plain CLIP prompts with the words moved around; an odd
+    context puts the name after n_ctx // 2 tokens (coop.py half_n_ctx)."""
+    coop = prompts.CoOp(tiny, CLASSNAMES, ctx_init=words, class_token_position=position)
     with torch.no_grad():
         torch.testing.assert_close(coop.encode_text(), plain_clip_text(tiny, template), rtol=TOL, atol=TOL)
 
@@ -397,10 +401,11 @@ def test_frozen_teacher_averages_raw_template_features(tiny):
 # data.py: CoOp split files, Dassl few-shot draw against CoOp's published selections, CoCoOp base/new classes,
 # every dataset's folder layout on tiny fake trees, downloads on fake archives, bad input
 
-SHARED = ROOT.parent / "shared" / "data"  # CoOp's published few-shot selections live here in CI
 GOLDEN = ROOT / "tests_data" / "fewshot_indices_dtd_oxford_pets.json.gz"  # compact copy: indices only
 GOLDEN_SHA256 = "3ecacb6f698415602169b3889dad0bd8ee85f9f1bdfda96ba36a6819ec9570df"
 SHOTS, SEEDS = (1, 2, 4, 8, 16), (1, 2, 3)
+FEWSHOT_CHECK_SHA256 = {"Food101": "01e57ba7585e57c96dd6979d9b2309ac1203e0530915fcf2c24144e0a840a513",
+                        "SUN397": "712ef0d82c288e8e036ecbfb659ec210e748ff3edff6aca8963c0d61b8674438"}
 # CoOp paper table / protocol.md §1.0: (#train, #val, #test, #classes) of the shipped split files
 SPLIT_COUNTS = {
     "Caltech101": (4128, 1649, 2465, 100), "DescribableTextures": (2820, 1128, 1692, 47),
@@ -447,15 +452,15 @@ def test_fewshot_identical_to_published(dataset, coop_name, k, seed):
     assert [d.impath for d in drawn_val] == ref["val"]
 
 
-def test_golden_copy_matches_published_files():
+def test_golden_copy_is_the_recorded_file():
+    """The shipped golden copy (the indices of CoOp's 30 published DTD / OxfordPets selections, compared with
+    CoOp's files when it was made) is the file recorded here, and holds every (dataset, shots, seed)."""
     assert hashlib.sha256(GOLDEN.read_bytes()).hexdigest() == GOLDEN_SHA256
-    if SHARED.is_dir():  # CI: shared/ beside the repo holds the byte copies of the published files
-        golden = data.read_json(GOLDEN)
-        for key, ref in golden.items():
-            dataset, name = key.split("/")
-            published = json.loads((SHARED / "fewshot_indices" / dataset / f"{name}.json").read_text())
-            assert ref == {s: published[s]["indices"] for s in ("train", "val")}
-        assert len(golden) == 2 * len(SHOTS) * len(SEEDS)
+    golden = data.read_json(GOLDEN)
+    assert sorted(golden) == sorted(f"{d}/shot_{k}-seed_{s}" for d in ("dtd", "oxford_pets") for k in SHOTS
+                                    for s in SEEDS)
+    assert all(len(ref["train"]) == k * {"dtd": 47, "oxford_pets": 37}[key.split("/")[0]]
+               for key, ref in golden.items() for k in [int(key.split("shot_")[1].split("-")[0])])
 
 
 def test_module_random_seed_gives_same_stream_as_local_instance():
@@ -494,13 +499,13 @@ def test_fewshot_cache_wins_over_resampling(tmp_path):
 @pytest.mark.parametrize("dataset,coop_name,prefix", [("food101", "Food101", "./data/food-101/images/"),
                                                       ("sun397", "SUN397", "./data/sun397/SUN397/")])
 def test_shipped_split_checks_equal_published_selection(dataset, coop_name, prefix):
-    check = data.read_json(data.SPLITS_DIR / f"fewshot_check_{coop_name}.json.gz")
+    """The shipped checks (CoOp's published shot_1-seed_1 selections of Food101 / SUN397, paths made relative to
+    the image folder, compared with the published files when they were made) are the recorded files."""
+    path = data.SPLITS_DIR / f"fewshot_check_{coop_name}.json.gz"
+    assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == FEWSHOT_CHECK_SHA256[coop_name]
+    check = data.read_json(path)
     assert (check["shots"], check["seed"]) == (1, 1)
-    if SHARED.is_dir():
-        published = json.loads((SHARED / "fewshot_indices" / dataset / "shot_1-seed_1.json").read_text())
-        for s in ("train", "val"):
-            assert check[s]["indices"] == published[s]["indices"]
-            assert check[s]["relpaths"] == [e["impath"].removeprefix(prefix) for e in published[s]["data"]]
+    assert not any(r.startswith(prefix) for s in ("train", "val") for r in check[s]["relpaths"])
     assert len(check["train"]["relpaths"]) == {"food101": 101, "sun397": 397}[dataset]
 
 
@@ -1154,11 +1159,23 @@ def test_download_failure_and_unsupported_dataset(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+# SHA256 of CoOp's published split_zhou_*.json files (KaiyangZhou/CoOp DATASETS.md downloads), which the shipped
+# gzip files decompress to byte for byte.
+PUBLISHED_SPLIT_SHA256 = {
+    "Caltech101": "52ce83205ff8ff8a1a18119aad6376120ae35c36e783a984bc560cbf10e73fa5",
+    "DescribableTextures": "f26ebeccd2b58e68d70f07a0dc39fe49bf7b69024bac34396b954dfd87969c38",
+    "EuroSAT": "541503a77d0b26b735d85ec7a3e672804fe0aa466c2e5f07da772cc6c0af8ad2",
+    "OxfordFlowers": "2f50c42fc1a17ca13c271cb4269b1347bdb43d2be672e34f74a4e4cbfbcca794",
+    "OxfordPets": "d7f3ffe65b3919f95132e51422894ae18686b83c331fd8c0adcdc3dc2de6301e",
+    "StanfordCars": "40acee7aa65c8e4727a32d90e884b7c3f8960b523422317e163f7af65432959d",
+    "UCF101": "d78cb834f7c5792ceaff2c5ee2d7c76a9e4086e48a3a6b01232989d29cbefdd8",
+}
+
+
 def test_split_files_are_gzip_of_the_published_bytes():
-    if SHARED.is_dir():
-        for coop_name in SPLIT_COUNTS:
-            shipped = gzip.decompress((data.SPLITS_DIR / f"split_zhou_{coop_name}.json.gz").read_bytes())
-            assert shipped == (SHARED / "splits" / f"split_zhou_{coop_name}.json").read_bytes()
+    for coop_name in SPLIT_COUNTS:
+        shipped = gzip.decompress((data.SPLITS_DIR / f"split_zhou_{coop_name}.json.gz").read_bytes())
+        assert hashlib.sha256(shipped).hexdigest() == PUBLISHED_SPLIT_SHA256[coop_name], coop_name
     assert sorted(p.name for p in data.SPLITS_DIR.glob("split_zhou_*.json.gz")) == sorted(
         f"split_zhou_{c}.json.gz" for c in SPLIT_COUNTS)
 
@@ -1556,6 +1573,307 @@ def test_prometar_training_keeps_clip_frozen(harness, tmp_path, base):
         train.prometar_step(args, learner, teacher, gate, opt, gate_opt, torch.randn(4, 3, 32, 32),
                             torch.tensor([0, 1, 2, 1]))
     assert all(torch.equal(v, before[k]) for k, v in clip.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training wiring (issue #21): each method's step through train.py against a reference written here
+
+
+def hand_sgd(p, grad, buf, lr, momentum, weight_decay):
+    """torch.optim.SGD's update written out (dampening 0, no Nesterov): d = g + wd p; buf = d on the first step,
+    else momentum buf + d; p - lr buf. Returns (new p, new buf)."""
+    d = grad + weight_decay * p
+    buf = d if buf is None else momentum * buf + d
+    return p - lr * buf, buf
+
+
+def hand_gate(gate, i, g_task, g_reg):
+    """ProMetaR's gamma written out: sigmoid(W2 W1 [g_L; g_R]), each gate shared by 8 consecutive channels."""
+    w1, w2 = gate.nets[i][0].weight, gate.nets[i][1].weight
+    return torch.sigmoid(w2 @ (w1 @ torch.cat([g_task.flatten(), g_reg.flatten()]))).repeat_interleave(8) \
+        .view_as(g_task)
+
+
+def prometar_losses_by_hand(learner, clip, teacher, params, images, labels):
+    """CE and R = 50 L1(text, frozen text) + 20 L1(normalised image, frozen image) (prometar.py:415-420)."""
+    from torch.func import functional_call
+    from torch.nn.functional import cross_entropy, normalize
+    out = functional_call(learner, params, (images,))
+    frozen = normalize(clip.encode_image(images), dim=-1).detach()
+    reg = 50 * (out.text_features - teacher.text_features).abs().mean() \
+        + 20 * (normalize(out.image_features, dim=-1) - frozen).abs().mean()
+    return cross_entropy(out.logits, labels), reg
+
+
+def hand_prometar_iteration(s, lr, seed):
+    """One released ProMetaR iteration (prometar.py:410-466) written out: step A (modulated gradient on the batch,
+    an SGD step), a virtual task (query class uniform over the classes present, then lambda ~ Beta(0.5, 0.5) and a
+    partner per query image, drawn in that order from the seeded CPU generator), step B (second-order inner step on
+    the support set, mixup outer loss x 5e-4), the *second* step of the prompt optimizer with the meta-gradient,
+    and the gate's SGD step (lr 1e-6, momentum 0.9, weight decay 5e-4). Returns (prompts, gate weights)."""
+    from torch.func import functional_call
+    from torch.nn.functional import cross_entropy, normalize
+    learner, clip, teacher, gate = s["learner"], s["clip"], s["teacher"], s["gate"]
+    images, labels = s["images"], s["labels"]
+    names = list(s["params"])
+    theta = {n: p.detach().clone().requires_grad_() for n, p in s["params"].items()}
+    ce, reg = prometar_losses_by_hand(learner, clip, teacher, theta, images, labels)  # step A
+    g_ce = torch.autograd.grad(ce, list(theta.values()), retain_graph=True)
+    g_reg = torch.autograd.grad(reg, list(theta.values()))
+    theta1, buffers = {}, {}
+    for i, n in enumerate(names):
+        with torch.no_grad():
+            grad = g_ce[i] + hand_gate(gate, i, g_ce[i], g_reg[i]) * g_reg[i]
+            theta1[n], buffers[n] = hand_sgd(theta[n], grad, None, lr, 0.9, 5e-4)
+        theta1[n].requires_grad_()
+    torch.manual_seed(seed)  # the virtual task
+    classes = torch.unique(labels)
+    query = labels == classes[torch.randperm(len(classes))[0]]
+    support = ~query
+    lam = torch.distributions.Beta(torch.tensor(0.5), torch.tensor(0.5)).sample((int(query.sum()),)).double()
+    partner = torch.randint(int(support.sum()), (int(query.sum()),))
+    ce_s, reg_s = prometar_losses_by_hand(learner, clip, teacher, theta1, images[support], labels[support])  # step B
+    g_ce = torch.autograd.grad(ce_s, list(theta1.values()), create_graph=True, retain_graph=True)
+    g_reg = torch.autograd.grad(reg_s, list(theta1.values()), create_graph=True)
+    adapted = {n: theta1[n] - 5e-4 * (g_ce[i] + hand_gate(gate, i, g_ce[i], g_reg[i]) * g_reg[i])
+               for i, n in enumerate(names)}
+    out = functional_call(learner, adapted, (images,))
+    mixed = lam[:, None] * out.image_features[query] + (1 - lam[:, None]) * out.image_features[support][partner]
+    logits = clip.logit_scale.exp() * normalize(mixed, dim=-1) @ out.text_features.t()
+    outer = (lam * cross_entropy(logits, labels[query], reduction="none")
+             + (1 - lam) * cross_entropy(logits, labels[support][partner], reduction="none")).mean()
+    gate_weights = list(gate.parameters())
+    meta = torch.autograd.grad(5e-4 * outer, list(theta1.values()) + gate_weights)
+    with torch.no_grad():
+        theta2 = {n: hand_sgd(theta1[n], meta[i], buffers[n], lr, 0.9, 5e-4)[0] for i, n in enumerate(names)}
+        gate2 = [hand_sgd(w, g, None, 1e-6, 0.9, 5e-4)[0] for w, g in zip(gate_weights, meta[len(names):])]
+    return theta2, gate2
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_prometar_iteration_equals_a_hand_written_reference(meta_setup, seed):
+    """train.prometar_step with the default flags and train.build_optimizers, against the reference above: both
+    optimizer steps, the uniform query-class draw, the gate's step (float64, math attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import train
+    s, lr = meta_setup, 0.05
+    args = prometar_args()
+    assert (args.meta_inner_lr, args.meta_outer_scale, args.regularizer_lr, args.meta_second_step) == \
+        (5e-4, 5e-4, 1e-6, True)  # the released values the reference hard-codes
+    with sdpa_kernel(SDPBackend.MATH):
+        expected_prompts, expected_gate = hand_prometar_iteration(s, lr, seed)
+    optimizer, gate_optimizer = train.build_optimizers(args, s["params"], s["gate"])
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(seed)
+    losses, _ = train.prometar_step(args, s["learner"], s["teacher"], s["gate"], optimizer, gate_optimizer,
+                                    s["images"], s["labels"])
+    assert set(losses) == {"task", "reg", "meta"}
+    for name, p in s["params"].items():
+        torch.testing.assert_close(p.detach(), expected_prompts[name], rtol=1e-10, atol=1e-13)
+    for w, expected in zip(s["gate"].parameters(), expected_gate, strict=True):
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-16)
+
+
+def test_virtual_task_query_class_is_uniform_over_classes_present():
+    """Labels [0, 0, 0, 1]: a uniform draw over the classes present picks class 0 half of the time; a draw per
+    image (frequency-weighted) would pick it three times in four."""
+    import meta
+    torch.manual_seed(0)
+    picks = [int(meta.split_virtual_task(torch.tensor([0, 0, 0, 1]))[0][0]) for _ in range(4000)]
+    assert abs(sum(picks) / len(picks) - 0.5) < 0.03  # 6 standard deviations from 0.5, 21 from 0.75
+
+
+def test_promptsrc_step_equals_a_hand_written_reference(tiny):
+    """train.sgd_step for PromptSRC: CE + 25 L1(text) + 10 L1(image) + KL (PromptSRC configs TEXT_LOSS_WEIGHT 25,
+    IMAGE_LOSS_WEIGHT 10; promptsrc.py's KL divides the summed KL by B x C), then one SGD step."""
+    from torch.nn.functional import cross_entropy, log_softmax, normalize
+
+    import train
+    torch.manual_seed(0)
+    clip = clip_model.build_model(tiny.state_dict()).double()
+    args = train.parse_args(["--method", "promptsrc", "--text-depth", "2", "--vision-depth", "2", "--lr", "0.05"])
+    learner = train.learner_for(args, clip, "synthetic", CLASSNAMES).double()
+    teacher = prompts.FrozenTeacher(clip, CLASSNAMES, ["a photo of a {}.", "art of the {}."])
+    images, labels = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    params = prompts.prompt_parameters(learner)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    out = torch.func.functional_call(learner, theta, (images,))
+    frozen = normalize(clip.encode_image(images), dim=-1)
+    zero_shot = clip.logit_scale.exp() * frozen @ teacher.text_features.t()
+    log_p, log_q = log_softmax(out.logits, -1), log_softmax(zero_shot, -1)
+    hand = {"loss_ce": cross_entropy(out.logits, labels),
+            "loss_reg_text": 25 * (out.text_features - teacher.text_features).abs().mean(),
+            "loss_reg_image": 10 * (normalize(out.image_features, dim=-1) - frozen).abs().mean(),
+            "loss_kl": (log_q.exp() * (log_q - log_p)).sum() / log_p.numel()}
+    grads = torch.autograd.grad(sum(hand.values()), list(theta.values()))
+    optimizer, _ = train.build_optimizers(args, params, None)
+    losses, _ = train.sgd_step(args, learner, teacher, optimizer, torch.amp.GradScaler(enabled=False), images,
+                               labels, "cpu")
+    assert set(losses) == set(hand)
+    for k, value in hand.items():
+        torch.testing.assert_close(losses[k].detach(), value.detach(), rtol=1e-12, atol=1e-15)
+    for (name, p), g in zip(params.items(), grads, strict=True):
+        torch.testing.assert_close(p.detach(), hand_sgd(theta[name].detach(), g, None, 0.05, 0.9, 5e-4)[0],
+                                   rtol=1e-12, atol=1e-15)
+
+
+def test_promptsrc_final_prompts_are_the_gaussian_average_of_the_epochs(harness, tmp_path):
+    """20 epochs through train.main: prompts.pt is the average of the 20 per-epoch prompts with weights
+    exp(-(e - 15)^2 / 2), e = 1..20, normalised (PromptSRC Eq. 5, GPA_MEAN 15, GPA_STD 1), not the last epoch's."""
+    run_train(harness, tmp_path, "--method", "promptsrc", "--epochs", "20")
+    snapshots = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["snapshots"]
+    final = torch.load(tmp_path / "prompts.pt", weights_only=True)["prompts"]
+    assert len(snapshots) == 20
+    weights = [math.exp(-(e - 15) ** 2 / 2) for e in range(1, 21)]
+    for name, value in final.items():
+        expected = sum(w * snap[name].double() for w, snap in zip(weights, snapshots)) / sum(weights)
+        torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7)
+        assert (value - snapshots[-1][name]).abs().max() > 1e-4  # the average is not the last epoch
+
+
+def interrupt_after_saves(monkeypatch, n):
+    """train.save_atomic that raises KeyboardInterrupt right after the n-th save (a run killed there)."""
+    import train
+    calls, save = [], train.save_atomic
+
+    def interrupted_save(obj, path):
+        save(obj, path)
+        calls.append(path)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_atomic", interrupted_save)
+    return save
+
+
+def test_prometar_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch):
+    """Killed after its second epoch's checkpoint and resumed: the same prompts, gate and gate optimizer state as an
+    uninterrupted run, bit for bit (so the gate and its momentum are restored, not re-initialised)."""
+    import train
+    extra = ("--method", "prometar", "--epochs", "3", "--regularizer-lr", "0.5")  # a gate that visibly moves
+    run_train(harness, tmp_path / "full", *extra)
+    save = interrupt_after_saves(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(harness, tmp_path / "cut", *extra)
+    mid = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    monkeypatch.setattr(train, "save_atomic", save)
+    run_train(harness, tmp_path / "cut", *extra, "--resume")
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert mid["epoch"] == 2 and resumed["epoch"] == full["epoch"] == 3
+    for key in ("prompts", "gate"):
+        assert full[key].keys() == resumed[key].keys()
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key]), key
+    full_state, resumed_state = full["gate_optimizer"]["state"], resumed["gate_optimizer"]["state"]
+    assert full_state.keys() == resumed_state.keys() and all(
+        torch.equal(full_state[i]["momentum_buffer"], resumed_state[i]["momentum_buffer"]) for i in full_state)
+    assert any(not torch.equal(mid["gate"][k], full["gate"][k]) for k in full["gate"])  # the third epoch moves it
+
+
+def test_a_save_interrupted_mid_write_keeps_the_previous_checkpoint(harness, tmp_path, monkeypatch):
+    """torch.save dies half-way through the second epoch's checkpoint (disk full): the first epoch's checkpoint.pt
+    is still whole and loads, and --resume continues from it."""
+    import train
+    real_save, calls = torch.save, []
+
+    def dies_half_way(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            Path(path).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            raise OSError("No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        run_train(harness, tmp_path, "--method", "ivlp", "--epochs", "2")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    run_train(harness, tmp_path, "--method", "ivlp", "--epochs", "2", "--resume")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert train.save_atomic.__name__ == "save_atomic"
+
+
+class RunsCode:
+    """A pickle payload whose load would run a shell command (creating a file)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+def test_hostile_checkpoints_are_refused_without_running_code(tmp_path):
+    """A TorchScript-like archive whose data.pkl calls os.system, and a plain pickle that does the same: both are
+    refused with one line (library and command line), and the command never runs."""
+    import pickle
+    marker = tmp_path / "pwned"
+    archive = tmp_path / "hostile.pt"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("hostile/constants.pkl", pickle.dumps(()))
+        z.writestr("hostile/data.pkl", pickle.dumps(RunsCode(marker)))
+        z.writestr("hostile/version", "3\n")
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(clip_model.CheckpointError, match=r"hostile.pt: refused: its data.pkl asks for (posix|os)\.system"):
+        clip_model.load(archive, device="cpu")
+    with pytest.raises(clip_model.CheckpointError, match="plain.pt: not a CLIP checkpoint"):
+        clip_model.load(plain, device="cpu")
+    for path in (archive, plain):
+        result = subprocess.run([sys.executable, str(ROOT / "clip_model.py"), str(path)], check=False,
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and str(path) in result.stderr
+    assert not marker.exists()
+
+
+def test_test_transform_resizes_bicubic_like_torchvision():
+    """Dassl's test transform: resize the short side to 224 with bicubic interpolation, centre crop, normalise;
+    checked on a non-uniform image against torchvision's functional calls."""
+    import torchvision.transforms.functional as TF
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8))  # 50 x 37, noise
+    bicubic = TF.InterpolationMode.BICUBIC
+    expected = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(image, 24, interpolation=bicubic), 24)),
+                            data.CLIP_MEAN, data.CLIP_STD)
+    torch.testing.assert_close(data.build_transform(False, 24)(image), expected, rtol=0, atol=0)
+    bilinear = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(image, 24), 24)), data.CLIP_MEAN, data.CLIP_STD)
+    assert (expected - bilinear).abs().max() > 0.05  # the test tells the two apart
+
+
+def test_validation_shots_are_capped_at_four(tmp_path):
+    """CoOp datasets/*.py: val takes min(shots, 4) per class."""
+    data.make_synthetic_dataset(tmp_path, n_classes=2, n_per_class=40)  # 8 val images per class
+    splits = data.build_dataset("synthetic", tmp_path, shots=8, seed=1)
+    assert len(splits.train) == 16 and len(splits.val) == 8
+
+
+def test_testbed_checkpoint_checksum_is_checked(tmp_path, monkeypatch):
+    import train
+    copy = tmp_path / "clip_world.pt"
+    shutil.copy(testbed.CHECKPOINT, copy)
+    shutil.copy(f"{testbed.CHECKPOINT}.sha256", f"{copy}.sha256")
+    monkeypatch.setattr(train, "TESTBED_CHECKPOINT", str(copy))
+    args = train.parse_args(["--root", str(tmp_path / "data"), "--backbone", str(copy)])
+    train.check_inputs(args)  # the intact copy passes
+    with open(copy, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00")
+    with pytest.raises(clip_model.CheckpointError, match=r"clip_world.pt does not match its SHA256 ceba1ec4"):
+        train.check_inputs(args)
+
+
+def test_training_crops_keep_half_the_testbed_image():
+    """RandomResizedCrop scale: (0.5, 1) on the testbed (Dassl's 0.08 would crop a 32 px shape away), Dassl's
+    (0.08, 1) elsewhere."""
+    import train
+    items = [data.Datum("x.png", 0, "a")]
+    for dataset, scale in (("world", (0.5, 1.0)), ("dtd", (0.08, 1.0))):
+        args = train.parse_args(["--dataset", dataset, "--num-workers", "0"])
+        crop = train.train_loader(args, items, 32, 0).dataset.transform.transforms[0]
+        assert isinstance(crop, data.T.RandomResizedCrop) and crop.scale == scale, dataset
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -178,6 +178,24 @@ def learner_for(args, clip, dataset, classnames):
                                  text_depth=args.text_depth, vision_depth=args.vision_depth)
 
 
+def build_optimizers(args, params: dict, gate):
+    """SGD for the prompts (Dassl: momentum 0.9, weight decay 5e-4; None for zero-shot CLIP, which has none) and,
+    for ProMetaR, SGD for the gate phi at the released code's fixed lr (prometar.py OPTIM_VNET)."""
+    optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) \
+        if params else None
+    gate_optimizer = torch.optim.SGD(gate.parameters(), lr=args.regularizer_lr, momentum=REGULARIZER_MOMENTUM,
+                                     weight_decay=REGULARIZER_WEIGHT_DECAY) if gate is not None else None
+    return optimizer, gate_optimizer
+
+
+def train_loader(args, items, size: int, epoch: int):
+    """The epoch's training loader: batches and augmentations drawn from seed * 1000 + epoch (so a resumed run
+    sees the same ones); the testbed's crops keep at least half of its 32 px images (testbed.WORLD_CROP_SCALE)."""
+    return data.build_loader(items, train=True, batch_size=args.batch_size, size=size, num_workers=args.num_workers,
+                             seed=args.seed * EPOCH_SEED_STRIDE + epoch,
+                             crop_scale=testbed.WORLD_CROP_SCALE if args.dataset == "world" else data.RRC_SCALE)
+
+
 def training_losses(args, learner, teacher, images, labels) -> dict:
     """CE on CLIP logits (CoOp Eq. 3); PromptSRC adds its L1 consistency and KL terms (PromptSRC Eq. 2-4)."""
     out = learner(images)
@@ -328,12 +346,9 @@ def main(args):
         if args.method in ("promptsrc", "prometar") else None
     gpa_weights = prompts.gaussian_epoch_weights(args.epochs, GPA_MEAN, GPA_STD) \
         if args.method == "promptsrc" else None
-    optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) \
-        if params else None  # zero-shot CLIP has nothing to train
     gate = meta.GradientModulator({k: v.shape for k, v in params.items()}, args.dim_rate).to(device) \
         if args.method == "prometar" else None
-    gate_optimizer = torch.optim.SGD(gate.parameters(), lr=args.regularizer_lr, momentum=REGULARIZER_MOMENTUM,
-                                     weight_decay=REGULARIZER_WEIGHT_DECAY) if gate is not None else None
+    optimizer, gate_optimizer = build_optimizers(args, params, gate)
     scaler = torch.amp.GradScaler(enabled=device == "cuda")  # fp16 autocast on CUDA, fp32 master prompts
     ckpt_path, start_epoch, snapshots = os.path.join(args.output_dir, "checkpoint.pt"), 0, []
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -355,9 +370,7 @@ def main(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(args.seed * EPOCH_SEED_STRIDE + epoch)
-        loader = data.build_loader(train, train=True, batch_size=args.batch_size, size=clip.visual.input_resolution,
-                                   num_workers=args.num_workers, seed=args.seed * EPOCH_SEED_STRIDE + epoch,
-                                   crop_scale=testbed.WORLD_CROP_SCALE if args.dataset == "world" else data.RRC_SCALE)
+        loader = train_loader(args, train, clip.visual.input_resolution, epoch)
         learner.train()
         bar = progress(loader, f"epoch {epoch + 1}/{args.epochs}", args.no_progress)
         tick = time.perf_counter()
