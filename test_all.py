@@ -1969,6 +1969,18 @@ def test_pairs_csv_follows_open_clips_convention(tmp_path):
     assert len({r["filepath"] for r in rows}) == 12
 
 
+def test_pretrain_command_writes_a_checkpoint_the_loader_reads(tmp_path):
+    """`testbed.py pretrain`, shortened to 2 steps: an fp16 state dict with its SHA256 file, loaded as float32."""
+    output = tmp_path / "clip_world.pt"
+    accuracy = testbed.pretrain(steps=2, batch_size=16, n_images=32, output=output)
+    assert set(accuracy) == {"base", "new"} and all(0 <= a <= 100 for a in accuracy.values())
+    testbed.check_checkpoint(output)
+    model = clip_model.load(output, device="cpu")
+    assert model.context_length == 16 and model.visual.conv1.weight.dtype == torch.float32
+    assert all(v.dtype == torch.float16 for v in torch.load(output, weights_only=True).values()
+               if v.is_floating_point())
+
+
 def test_shipped_testbed_clip_loads_and_knows_new_classes(tmp_path):
     path = testbed.CHECKPOINT
     assert path.stat().st_size <= 10 * 2 ** 20  # issue #8: at most 10 MB
