@@ -153,6 +153,19 @@ CUSTOM_TEMPLATES = {
     "DomainNet": "a photo of a {}", "Synthetic": "a photo of a {}.", "World": "a photo of a {}.",
 }
 
+# MetaPrompt's frozen hand-made templates (Vill-Lab/2024-TIP-MetaPrompt trainers/meta.py:200-230, no final period;
+# any dataset whose name contains "ImageNet" gets the 8-template ensemble); datasets the release does not list (the
+# synthetic set, the testbed) use CUSTOM_TEMPLATES.
+METAPROMPT_TEMPLATES = {
+    "StanfordCars": "a photo of a {}", "Caltech101": "a photo of a {}", "OxfordFlowers": "a photo of a {}, a type of flower",
+    "EuroSAT": "a centered satellite photo of {}", "DescribableTextures": "{} texture",
+    "Food101": "a photo of a {}, a type of food", "FGVCAircraft": "a photo of a {}, a type of aircraft",
+    "OxfordPets": "a photo of a {}, a type of pet", "UCF101": "a photo of a person doing {}", "SUN397": "a photo of a {}",
+    "PACS": "a photo of a {}", "VLCS": "a photo of a {}", "OfficeHome": "a photo of a {}", "DomainNet": "a photo of a {}",
+}
+METAPROMPT_IMAGENET_TEMPLATES = ["itap of a {}", "a bad photo of the {}", "a origami {}", "a photo of the large {}",
+                                 "a {} in a video game", "art of the {}", "a photo of the small {}", "a photo of a {}"]
+
 # The 80 templates of openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb, in order
 # (= CoOp trainers/imagenet_templates.py IMAGENET_TEMPLATES).
 IMAGENET_TEMPLATES = [
@@ -269,6 +282,14 @@ def get_spec(name):
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
     return DATASETS[name]
+
+
+def metaprompt_templates(name):
+    """MetaPrompt's frozen templates for dataset `name` (a list: one template, or ImageNet's ensemble of 8)."""
+    coop_name = get_spec(name).coop_name
+    if "ImageNet" in coop_name:
+        return list(METAPROMPT_IMAGENET_TEMPLATES)
+    return [METAPROMPT_TEMPLATES.get(coop_name, CUSTOM_TEMPLATES[coop_name])]
 
 
 def zero_shot_template(name):

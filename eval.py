@@ -111,8 +111,9 @@ def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num
     _, _, test, classnames = data.build_dataset(dataset, root, shots=config["shots"], seed=config["seed"],
                                                 subsample=subsample, target_domain=config.get("target_domain"))
     method = config["base"] if config["method"] == "prometar" else config["method"]  # ProMetaR trains IVLP/CoOp
-    learner = prompts.build_learner(method, clip, classnames, [data.zero_shot_template(dataset)],
-                                    **{k: config[k] for k in LEARNER_KEYS})
+    templates = data.metaprompt_templates(dataset) if method == "metaprompt" else [data.zero_shot_template(dataset)]
+    learner = prompts.build_learner(method, clip, classnames, templates, **{k: config[k] for k in LEARNER_KEYS},
+                                    raw_frozen_names=config.get("metaprompt_raw_frozen_names", True))
     prompts.load_prompts(learner, ckpt["prompts"])
     loader = data.build_loader(test, train=False, size=clip.visual.input_resolution, num_workers=num_workers)
     return data.classification_metrics(*prompts.predict(learner, loader, device, autocast=device == "cuda"))

@@ -13,6 +13,8 @@ returns {"task": L, "reg": R} (other entries are ignored). The bilevel step is e
     outer           = outer_scale * L_query(theta')                                     (back-propagated to theta, phi)
 Second order by default; `first_order=True` detaches the inner gradients, which drops exactly the second-order
 terms (the gate's dependence on phi is kept, so phi still learns). No `.data` writes, no deep copies.
+Also here: MetaPrompt's domain-split meta update (arXiv:2212.04196v2, TIP 2024), first order as released, with the
+released code's behaviours as flags: `domain_split_update`, `class_halves`, `domain_splits`, `sgd_momentum_step`.
 Not included: several inner steps or several virtual tasks per iteration (the released code uses one of each);
 the released code's fp16 prompts (ours are float32; use autocast on CUDA).
 
@@ -138,3 +140,109 @@ def mixup_cross_entropy(logits: torch.Tensor, y_query: torch.Tensor, y_partner: 
     ce_query = F.cross_entropy(logits, y_query, reduction="none")  # (Bq,)
     ce_partner = F.cross_entropy(logits, y_partner, reduction="none")  # (Bq,)
     return (lam * ce_query + (1 - lam) * ce_partner).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MetaPrompt's domain-split meta update (arXiv:2212.04196v2, TIP 2024; the released code, Vill-Lab/2024-TIP-MetaPrompt
+# @ ca996074 trainers/meta.py `Meta_B2N.forward_backward` (cross-class) and `Meta_DG.forward_backward` (cross-domain)).
+# First order, as released: the meta-test gradient is taken at the adapted prompt and applied to the original one.
+
+
+def sgd_momentum_step(params: dict, grads: dict, buffers: dict, *, lr: float, momentum: float,
+                      weight_decay: float) -> tuple:
+    """torch.optim.SGD's update (no dampening, no Nesterov) as a pure function: d = g + wd p; buf = d on a tensor's
+    first step, else momentum buf + d; p - lr buf. Only the names in `grads` move. Returns (params, buffers), new
+    dicts (buffers[name] None = no step taken yet)."""
+    params, buffers = dict(params), dict(buffers)
+    for name, g in grads.items():
+        d = g + weight_decay * params[name]
+        buffers[name] = d if buffers.get(name) is None else momentum * buffers[name] + d
+        params[name] = params[name] - lr * buffers[name]
+    return params, buffers
+
+
+def class_halves(n_classes: int, generator=None) -> list:
+    """Meta_B2N: shuffle *all* training class ids and cut them into N = 2 parts of ceil(n / 2) and the rest
+    (meta.py:339-346: m = (n - 1) // N + 1). Drawn from torch's generator (the release uses Python's `random`)."""
+    order = torch.randperm(n_classes, generator=generator).tolist()
+    m = (n_classes - 1) // 2 + 1
+    return [order[:m], order[m:]]
+
+
+def relabel(labels: torch.Tensor, classes: list) -> tuple:
+    """(mask (B,), labels of the masked samples as indices into `classes`): a half's local labels."""
+    local = {c: i for i, c in enumerate(classes)}
+    mask = torch.tensor([int(y) in local for y in labels.tolist()], device=labels.device)
+    return mask, torch.tensor([local[int(y)] for y in labels[mask].tolist()], dtype=torch.long, device=labels.device)
+
+
+def class_half_splits(labels: torch.Tensor, halves: list) -> list:
+    """Meta_B2N's two splits: for half i, meta-train = the samples of the other half (its classes only, labels
+    re-indexed within it), meta-test = the samples of half i (likewise). A split is skipped when half i has fewer
+    than 2 classes or either side has no sample (meta.py:358-361). Returns [((mask, labels, classes) support,
+    (mask, labels, classes) query)]."""
+    splits = []
+    for i, query_classes in enumerate(halves):
+        support_classes = [c for j, half in enumerate(halves) if j != i for c in half]
+        query, support = relabel(labels, query_classes), relabel(labels, support_classes)
+        if len(query_classes) < 2 or not query[0].any() or not support[0].any():
+            continue
+        splits.append(((*support, support_classes), (*query, query_classes)))
+    return splits
+
+
+def domain_splits(domains: torch.Tensor, released_range: bool = True) -> list:
+    """Leave-one-domain-out inside the batch (Meta_DG): meta-test = one domain, meta-train = the others.
+    released_range=True: the released loop (meta.py:465-467) takes N = the number of distinct ids and uses the ids
+    0..N-1, so a batch holding e.g. domains {0, 2} tests on the absent id 1 and misses domain 2 (such splits are
+    skipped, as released); False: each domain present in the batch once. Returns [(support mask, query mask)]."""
+    present = torch.unique(domains).tolist()
+    ids = range(len(present)) if released_range else present
+    splits = []
+    for d in ids:
+        query = domains == d
+        support = torch.isin(domains, torch.tensor([i for i in ids if i != d], device=domains.device))
+        if query.any() and support.any():
+            splits.append((support, query))
+    return splits
+
+
+def domain_split_update(loss_fn, params: dict, name: str, splits: list, buffers: dict, *, lr: float,
+                        meta_step: float, momentum: float, weight_decay: float, inner_optimizer: bool = True,
+                        frozen_drift: bool = True, aliased_restore: bool = True) -> tuple:
+    """MetaPrompt's domain-split update of the prompt `name` (B2N: the text prompt; DG: the visual prompt).
+
+    For each split (support, query): an inner step on the support loss, the first-order gradient g_i of the query
+    loss at the adapted prompt, a restore; then prompt <- prompt - lr * meta_step * sum_i g_i (meta.py:377-378, a
+    direct write that bypasses the optimizer). `loss_fn(params, batch) -> scalar`; `buffers` are the optimizer's
+    momentum buffers {name: tensor or None}. The released code's behaviours, each a flag (all False: the method as
+    described, each split from the same prompt, a plain SGD inner step):
+      inner_optimizer: the inner step is a step of the main SGD optimizer (momentum 0.9 with the buffers of step A,
+        weight decay), whose momentum then carries into the next step A; False: prompt - lr (g + wd prompt).
+      frozen_drift: torch 1.10's zero_grad leaves a zero gradient on the other (frozen) prompt, so each inner
+        optimizer step still applies its weight decay and momentum to it (the authors' environment); never restored.
+      aliased_restore: `ctx.data = deepcopy_before_the_loop` makes ctx share the snapshot's storage, so the first
+        split is restored exactly and every later inner step is kept: split i >= 2 starts from split i-1's adapted
+        prompt, and the final write applies to the last adapted prompt (two halves: theta_1' - lr 0.2 (g0 + g1)).
+    Returns (new params {name: tensor}, new buffers); nothing is written in place."""
+    theta0 = {k: v.detach() for k, v in params.items()}
+    current, buffers, meta_grads = dict(theta0), dict(buffers), []
+    for support, query in splits:
+        base = current[name].detach().requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn({**current, name: base}, support), [base])
+        if inner_optimizer:
+            grads = {k: (g if k == name else torch.zeros_like(v)) for k, v in current.items()
+                     if k == name or frozen_drift}
+            adapted, buffers = sgd_momentum_step(current, grads, buffers, lr=lr, momentum=momentum,
+                                                 weight_decay=weight_decay)
+        else:
+            adapted = {**current, name: current[name] - lr * (g + weight_decay * current[name])}
+        adapted = {k: v.detach() for k, v in adapted.items()}
+        query_point = adapted[name].requires_grad_()
+        (g_query,) = torch.autograd.grad(loss_fn({**adapted, name: query_point}, query), [query_point])
+        meta_grads.append(g_query)
+        restored = adapted[name].detach() if aliased_restore and len(meta_grads) > 1 else theta0[name]
+        current = {**adapted, name: restored}
+    if meta_grads:
+        current[name] = current[name] - lr * meta_step * torch.stack(meta_grads).sum(0)
+    return current, buffers

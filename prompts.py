@@ -40,17 +40,19 @@ def freeze(clip: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def template_text_features(clip, classnames, templates, average: str = "normalized") -> torch.Tensor:
+def template_text_features(clip, classnames, templates, average: str = "normalized",
+                           clean_names: bool = True) -> torch.Tensor:
     """Frozen CLIP text features of each class, averaged over templates; returns (C, E), L2-normalised.
 
     average="normalized": normalise per template, average, renormalise (CLIP's ImageNet ensemble, CoOp ZeroshotCLIP2).
     average="raw": average the unnormalised features, then normalise (PromptSRC / ProMetaR frozen text teacher,
     promptsrc.py `fixed_embeddings`).
+    clean_names=False fills the templates with the raw class names, underscores kept (MetaPrompt's frozen branch).
     """
     device = clip.positional_embedding.device
     per_template = []
     for template in templates:
-        text = clip_model.tokenize([template.format(clean_classname(c)) for c in classnames],
+        text = clip_model.tokenize([template.format(clean_classname(c) if clean_names else c) for c in classnames],
                                    context_length=clip.context_length).to(device)  # (C, L)
         features = clip.encode_text(text)  # (C, E)
         per_template.append(F.normalize(features, dim=-1) if average == "normalized" else features)
@@ -123,8 +125,13 @@ class TextPrompts(nn.Module):
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # (C, 1, D) SOT
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:].clone(), persistent=False)  # (C, L'-1-M, D)
 
-    def assemble(self, ctx: torch.Tensor, position: str = "end") -> torch.Tensor:
-        """Prompt embeddings (C, L', D) from the context ctx (M, D) shared or (C, M, D) class-specific (CoOp Eq. 2)."""
+    def assemble(self, ctx: torch.Tensor, position: str = "end", class_idx=None) -> torch.Tensor:
+        """Prompt embeddings (C, L', D) from the context ctx (M, D) shared or (C, M, D) class-specific (CoOp Eq. 2);
+        `class_idx` (a list or (C',) tensor) builds them for those classes only (end position, shared context)."""
+        if class_idx is not None:
+            prefix, suffix = self.token_prefix[class_idx], self.token_suffix[class_idx]  # (C', 1, D), (C', *, D)
+            ctx = ctx.to(prefix.dtype).expand(prefix.shape[0], -1, -1)  # (C', M, D)
+            return torch.cat([prefix, ctx, suffix], dim=1)  # (C', L', D)
         n_cls = self.token_prefix.shape[0]
         ctx = ctx.to(self.token_prefix.dtype).expand(n_cls, -1, -1)  # (C, M, D)
         if position == "end":  # [SOS][ctx][name.][EOS]
@@ -218,6 +225,67 @@ class IVLP(nn.Module):
         return prompted_output(self.clip, self.encode_image(images), self.encode_text())
 
 
+class MetaPrompt(nn.Module):
+    """MetaPrompt's dual-modality deep prompts (arXiv:2212.04196v2, TIP 2024; Vill-Lab/2024-TIP-MetaPrompt @ ca996074
+    trainers/meta.py `CustomCLIP`): free text prompts (depth, M_t, D) and visual prompts (depth, M_v, Dv), N(0, 0.02),
+    no word initialisation. Text: "X ... X {class}." with text_ctx[0] at positions 1..M_t, text_ctx[i] replacing them
+    before block i (meta.py `TextEncoder`); vision: vision_ctx[0] appended after [CLS, patches] (after the positional
+    embedding, before ln_pre), vision_ctx[i] replacing the last M_v tokens before block i (`VisionEncoder`).
+
+    Asymmetric logits (meta.py `CustomCLIP.forward`): l_i = s f_v^P(x) . T_zs (prompted image, frozen hand-made text),
+    l_t = s f_v^0(x) . T^P (frozen image, prompted text), l_mix = (l_i + l_t) / 2, the prediction. `frozen_templates`
+    give T_zs (normalised per template, averaged, renormalised); `raw_frozen_names` fills them with the raw class
+    names, underscores kept, as released (meta.py:235; the prompted branch always replaces "_" by " ").
+    """
+
+    def __init__(self, clip, classnames, frozen_templates, n_ctx_text: int = 2, n_ctx_vision: int = 2,
+                 depth: int = 12, raw_frozen_names: bool = True):
+        super().__init__()
+        self.clip = freeze(clip)
+        device, width = clip.positional_embedding.device, clip.ln_final.weight.shape[0]
+        vision_width = clip.visual.conv1.weight.shape[0]
+        self.text_ctx = nn.Parameter(torch.randn(depth, n_ctx_text, width, device=device) * PROMPT_INIT_STD)
+        self.vision_ctx = nn.Parameter(torch.randn(depth, n_ctx_vision, vision_width, device=device) * PROMPT_INIT_STD)
+        self.text = TextPrompts(clip, classnames, n_ctx_text)
+        features = template_text_features(clip, classnames, frozen_templates, clean_names=not raw_frozen_names)
+        self.register_buffer("frozen_text_features", features, persistent=False)  # (C, E) T_zs
+
+    def encode_text(self, class_idx=None) -> torch.Tensor:
+        """Prompted text features (C, E) (or (C', E) for the classes `class_idx`), normalised."""
+        x = self.text.assemble(self.text_ctx[0], class_idx=class_idx)  # (C, L', D)
+        eot = self.text.eot_idx if class_idx is None else self.text.eot_idx[class_idx]  # (C,)
+        features = self.clip.encode_text_embeddings(x, eot, deep_prompts=list(self.text_ctx[1:]))
+        return F.normalize(features, dim=-1)  # (C, E)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Prompted image features (B, E), before normalisation."""
+        return self.clip.encode_image(images, prompts=self.vision_ctx[0], deep_prompts=list(self.vision_ctx[1:]))
+
+    @torch.no_grad()
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """f_v^0(x): CLIP's own image features (B, E), normalised; prompt-free, so computed once per batch."""
+        return F.normalize(self.clip.encode_image(images), dim=-1)
+
+    def forward(self, images: torch.Tensor | None, *, branch: str = "mix", frozen_image: torch.Tensor | None = None,
+                class_idx=None):
+        """branch="mix": PromptedOutput with l_mix over all classes, the prediction (meta.py `CustomCLIP.forward` in
+        eval mode); "all": (l_mix, l_i, l_t); "image": l_i only; "text": l_t only, from `frozen_image` (images
+        unused). l_i = s f_v^P(x) . T_zs and l_t = s f_v^0(x) . T^P, each (B, C), or (B, C') for the classes
+        `class_idx` ("image", "text"). `frozen_image` (B, E) = frozen_image_features(images), computed if None."""
+        if branch == "text":
+            return clip_logits(self.clip, frozen_image, self.encode_text(class_idx))  # (B, C')
+        image_features = self.encode_image(images)  # (B, E)
+        frozen_text = self.frozen_text_features if class_idx is None else self.frozen_text_features[class_idx]
+        l_i = clip_logits(self.clip, F.normalize(image_features, dim=-1), frozen_text)  # (B, C')
+        if branch == "image":
+            return l_i
+        frozen_image = self.frozen_image_features(images) if frozen_image is None else frozen_image
+        text_features = self.encode_text()  # (C, E)
+        l_t = clip_logits(self.clip, frozen_image, text_features)  # (B, C)
+        l_mix = 0.5 * (l_i + l_t)
+        return (l_mix, l_i, l_t) if branch == "all" else PromptedOutput(l_mix, image_features, text_features)
+
+
 def prompt_parameters(learner: nn.Module) -> dict:
     """{name: tensor} of the trainable prompts: what is optimised, checkpointed and meta-learned."""
     return {name: p for name, p in learner.named_parameters() if p.requires_grad}
@@ -309,19 +377,24 @@ def aggregate_prompts(snapshots: list, weights: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Building a learner by method name, and batched prediction (shared by train.py and eval.py)
 
-METHODS = ("zeroshot", "coop", "ivlp", "promptsrc")
+METHODS = ("zeroshot", "coop", "ivlp", "promptsrc", "metaprompt")
 
 
 def build_learner(method: str, clip, classnames, templates, *, n_ctx: int = 16, ctx_init: str | None = None,
                   class_specific: bool = False, class_token_position: str = "end", n_ctx_text: int = 4,
-                  n_ctx_vision: int = 4, text_depth: int = 9, vision_depth: int = 9) -> nn.Module:
+                  n_ctx_vision: int = 4, text_depth: int = 9, vision_depth: int = 9,
+                  raw_frozen_names: bool = True) -> nn.Module:
     """The prompt learner of `method` for a class list. PromptSRC's prompts are IVLP's (its regularizers are
-    training losses, see `FrozenTeacher`); zero-shot uses `templates`."""
+    training losses, see `FrozenTeacher`); zero-shot uses `templates`, MetaPrompt its frozen branch (depth =
+    text_depth, for both modalities)."""
     if method == "zeroshot":
         return ZeroShotCLIP(clip, classnames, templates)
     if method == "coop":
         return CoOp(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, class_specific=class_specific,
                     class_token_position=class_token_position)
+    if method == "metaprompt":
+        return MetaPrompt(clip, classnames, templates, n_ctx_text=n_ctx_text, n_ctx_vision=n_ctx_vision,
+                          depth=text_depth, raw_frozen_names=raw_frozen_names)
     if method in ("ivlp", "promptsrc"):
         return IVLP(clip, classnames, n_ctx_text=n_ctx_text, n_ctx_vision=n_ctx_vision, text_depth=text_depth,
                     vision_depth=vision_depth, ctx_init=ctx_init)

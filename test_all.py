@@ -1877,6 +1877,224 @@ def test_training_crops_keep_half_the_testbed_image():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# MetaPrompt (issue #15): the domain-split update, its splits, the learner, the step
+
+
+def quadratic_losses(seed=0, n=4):
+    """Fixed tensors: losses L_b(theta, v) = 0.5 |A_b vec(theta) + B_b vec(v) - y_b|^2 of the updated prompt theta and
+    the other prompt v, with the gradient in theta by hand, A_b^T (A_b theta + B_b v - y_b); batches 0..n-1."""
+    g = torch.Generator().manual_seed(seed)
+    A = [torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(n)]
+    B = [torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(n)]
+    y = [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(n)]
+    residual = lambda theta, v, b: A[b] @ theta.flatten() + B[b] @ v.flatten() - y[b]
+    loss = lambda p, b: 0.5 * (residual(p["text_ctx"], p["vision_ctx"], b) ** 2).sum()
+    grad = lambda theta, v, b: (A[b].t() @ residual(theta, v, b)).view_as(theta)
+    return loss, grad
+
+
+def quadratic_state(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    params = {"text_ctx": torch.randn(3, 2, generator=g, dtype=torch.float64),
+              "vision_ctx": torch.randn(2, 2, generator=g, dtype=torch.float64)}
+    buffers = {k: torch.randn_like(v) * 0.1 for k, v in params.items()}  # momentum left by step A
+    return params, buffers
+
+
+MP_LR, MP_META, MOM, WD = 0.05, 0.2, 0.9, 5e-4
+
+
+@pytest.mark.parametrize("n_splits", [2, 3])
+def test_domain_split_update_released_flags_by_hand(n_splits):
+    """The spec's pseudo-code with the released behaviours, written out: each inner step is a step of SGD with
+    momentum (buffers carried), the frozen prompt drifts (zero gradient: weight decay and momentum), the first split
+    is restored exactly and later inner steps are kept; the final write is on the last adapted prompt. Two halves:
+    theta_1' - lr 0.2 (g0 + g1)."""
+    import meta
+    loss, grad = quadratic_losses()
+    params, buffers = quadratic_state()
+    splits = [(2 * i % 4, (2 * i + 1) % 4) for i in range(n_splits)]
+    theta, buf = params["text_ctx"].clone(), buffers["text_ctx"].clone()
+    v, vbuf = params["vision_ctx"].clone(), buffers["vision_ctx"].clone()
+    theta0, gs = theta.clone(), []
+    vs = [v]
+    for i, (s, q) in enumerate(splits):
+        buf = MOM * buf + grad(theta, v, s) + WD * theta
+        adapted = theta - MP_LR * buf
+        vbuf = MOM * vbuf + WD * v  # the frozen prompt's zero gradient still gets weight decay and momentum
+        v = v - MP_LR * vbuf
+        vs.append(v)
+        gs.append(grad(adapted, v, q))
+        theta = theta0 if i == 0 else adapted
+    expected = theta - MP_LR * MP_META * sum(gs)
+    if n_splits == 2:  # the spec's closed form
+        buf1 = MOM * buffers["text_ctx"] + grad(theta0, vs[0], 0) + WD * theta0
+        theta1 = theta0 - MP_LR * (MOM * buf1 + grad(theta0, vs[1], 2) + WD * theta0)
+        torch.testing.assert_close(expected, theta1 - MP_LR * 0.2 * (gs[0] + gs[1]), rtol=1e-14, atol=1e-15)
+    new, new_buffers = meta.domain_split_update(loss, params, "text_ctx", splits, buffers, lr=MP_LR, meta_step=MP_META,
+                                                momentum=MOM, weight_decay=WD)
+    torch.testing.assert_close(new["text_ctx"], expected, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(new["vision_ctx"], v, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(new_buffers["text_ctx"], buf, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(new_buffers["vision_ctx"], vbuf, rtol=1e-13, atol=1e-15)
+
+
+def test_domain_split_update_clean_mode_by_hand():
+    """Clean: every split starts from theta0, plain SGD inner step theta0 - lr (g + wd theta0), the other prompt and the
+    momentum buffers untouched; theta0 - lr 0.2 sum_i g_i."""
+    import meta
+    loss, grad = quadratic_losses()
+    params, buffers = quadratic_state()
+    theta0, v = params["text_ctx"], params["vision_ctx"]
+    gs = [grad(theta0 - MP_LR * (grad(theta0, v, s) + WD * theta0), v, q) for s, q in ((0, 1), (2, 3), (1, 0))]
+    new, new_buffers = meta.domain_split_update(loss, params, "text_ctx", [(0, 1), (2, 3), (1, 0)], buffers,
+                                                lr=MP_LR, meta_step=MP_META, momentum=MOM, weight_decay=WD,
+                                                inner_optimizer=False, frozen_drift=False, aliased_restore=False)
+    torch.testing.assert_close(new["text_ctx"], theta0 - MP_LR * MP_META * sum(gs), rtol=1e-13, atol=1e-15)
+    assert torch.equal(new["vision_ctx"], params["vision_ctx"])
+    assert all(torch.equal(new_buffers[k], buffers[k]) for k in buffers)
+    assert meta.domain_split_update(loss, params, "text_ctx", [], buffers, lr=MP_LR, meta_step=MP_META, momentum=MOM,
+                                    weight_decay=WD)[0]["text_ctx"].equal(theta0)  # no split: nothing moves
+
+
+@pytest.fixture
+def metaprompt_setup(tiny):
+    """A float64 tiny CLIP, a MetaPrompt learner (depth 2, 2 + 2 tokens) over 6 classes, a batch of 8 in 3 domains."""
+    import train
+    torch.manual_seed(0)
+    clip = clip_model.build_model(tiny.state_dict()).double()
+    args = train.parse_args(["--method", "metaprompt", "--dataset", "oxford_pets", "--text-depth", "2", "--lr", "0.05"])
+    names = ["american_bulldog", "abyssinian", "beagle", "boxer", "chihuahua", "great_pyrenees"]
+    learner = train.learner_for(args, clip, "oxford_pets", names).double()
+    images = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    labels, domains = torch.tensor([0, 1, 2, 3, 4, 5, 0, 2]), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    return {"args": args, "clip": clip, "learner": learner, "images": images, "labels": labels, "domains": domains,
+            "names": names}
+
+
+def central_fd_grad(f, x, eps=1e-6):
+    """Central finite differences of a scalar function of one tensor, entry by entry."""
+    grad = torch.zeros_like(x)
+    flat = grad.view(-1)
+    for i in range(x.numel()):
+        step = torch.zeros_like(x).view(-1)
+        step[i] = eps
+        flat[i] = (f(x + step.view_as(x)) - f(x - step.view_as(x))) / (2 * eps)
+    return grad
+
+
+def test_metaprompt_split_gradients_equal_finite_differences(metaprompt_setup):
+    """One class-half split in clean mode: the update equals theta - lr 0.2 g_q(theta - lr (g_s + wd theta)) with
+    both gradients taken by central finite differences of the production text-branch loss."""
+    import meta
+    import train
+    s = metaprompt_setup
+    learner = s["learner"]
+    params = {k: v.detach() for k, v in prompts.prompt_parameters(learner).items()}
+    frozen = learner.frozen_image_features(s["images"])
+    (support, query), = meta.class_half_splits(s["labels"], [[0, 1, 2], [3, 4]])[:1]
+    batch = lambda part: (frozen[part[0]], part[1], part[2])
+    loss = lambda theta, part: train.metaprompt_text_loss(learner, {**params, "text_ctx": theta}, batch(part)).item()
+    theta = params["text_ctx"]
+    with torch.no_grad():
+        adapted = theta - MP_LR * (central_fd_grad(lambda x: loss(x, support), theta) + WD * theta)
+        expected = theta - MP_LR * MP_META * central_fd_grad(lambda x: loss(x, query), adapted)
+    new, _ = meta.domain_split_update(lambda p, b: train.metaprompt_text_loss(learner, p, batch(b)), params, "text_ctx",
+                                      [(support, query)], {}, lr=MP_LR, meta_step=MP_META, momentum=MOM,
+                                      weight_decay=WD, inner_optimizer=False, frozen_drift=False,
+                                      aliased_restore=False)
+    torch.testing.assert_close(new["text_ctx"], expected, rtol=1e-7, atol=1e-10)
+
+
+def test_class_halves_and_domain_splits():
+    import meta
+    torch.manual_seed(0)
+    halves = meta.class_halves(7)
+    assert [len(h) for h in halves] == [4, 3] and sorted(halves[0] + halves[1]) == list(range(7))
+    labels = torch.tensor([5, 0, 3, 1, 6, 3])
+    for (s_mask, s_labels, s_classes), (q_mask, q_labels, q_classes) in meta.class_half_splits(labels, halves):
+        assert not (s_mask & q_mask).any() and (s_mask | q_mask).all()  # disjoint, every sample in one side
+        assert sorted(s_classes + q_classes) == list(range(7)) and not set(s_classes) & set(q_classes)
+        assert [s_classes[i] for i in s_labels.tolist()] == labels[s_mask].tolist()  # re-indexed within the half
+        assert [q_classes[i] for i in q_labels.tolist()] == labels[q_mask].tolist()
+    assert meta.class_half_splits(torch.tensor([0, 0]), [[0], [1]]) == []  # a 1-class half and an empty side skip
+    domains = torch.tensor([0, 2, 2, 0, 3])
+    clean = meta.domain_splits(domains, released_range=False)
+    assert [domains[q].unique().tolist() for _, q in clean] == [[0], [2], [3]]  # each present domain once
+    assert all(torch.equal(s, ~q) for s, q in clean)
+    released = meta.domain_splits(domains, released_range=True)  # ids 0..2: id 1 absent, domain 3 never visited
+    assert [(domains[s].unique().tolist(), domains[q].unique().tolist()) for s, q in released] == \
+        [([2], [0]), ([0], [2])]
+
+
+def test_metaprompt_text_branch_is_restricted_to_the_half(metaprompt_setup):
+    import train
+    s = metaprompt_setup
+    learner = s["learner"]
+    frozen = learner.frozen_image_features(s["images"])
+    params = prompts.prompt_parameters(learner)
+    with torch.no_grad():
+        full = learner(None, branch="text", frozen_image=frozen)  # (8, 6)
+        half = torch.func.functional_call(learner, params, (None,), {"branch": "text", "frozen_image": frozen,
+                                                                       "class_idx": [4, 1, 3]})
+        torch.testing.assert_close(half, full[:, [4, 1, 3]], rtol=1e-12, atol=1e-12)
+        loss = train.metaprompt_text_loss(learner, params, (frozen[:2], torch.tensor([0, 2]), [4, 1, 3]))
+        assert half.shape == (8, 3) and loss.item() > 0
+
+
+@pytest.mark.parametrize("protocol,moved,still", [("base2new", "text_ctx", "vision_ctx"),
+                                                  ("multi_source_dg", "vision_ctx", "text_ctx")])
+def test_only_one_prompt_moves_in_the_domain_split_step(metaprompt_setup, protocol, moved, still):
+    """Step B of base-to-new moves only the text prompt, DG only the visual prompt (released flags but the torch-1.10
+    drift, which moves the other on purpose); a whole metaprompt_step leaves CLIP bitwise unchanged."""
+    import train
+    s = metaprompt_setup
+    args = train.parse_args(["--method", "metaprompt", "--dataset", "oxford_pets", "--text-depth", "2", "--lr",
+                             "0.05", "--no-metaprompt-frozen-drift"])
+    args.protocol = protocol
+    learner = s["learner"]
+    clip_before = {k: v.clone() for k, v in s["clip"].state_dict().items()}
+    optimizer, _ = train.build_optimizers(args, prompts.prompt_parameters(learner), None)
+    steps_a = []
+    real_step = optimizer.step
+
+    def record_after_step_a(*a, **k):  # the prompts right after step A (the optimizer's only step here)
+        real_step(*a, **k)
+        steps_a.append({n: p.detach().clone() for n, p in prompts.prompt_parameters(learner).items()})
+    optimizer.step = record_after_step_a
+    train.metaprompt_step(args, learner, optimizer, s["images"], s["labels"], s["domains"])
+    after = prompts.prompt_parameters(learner)
+    assert len(steps_a) == 1
+    assert torch.equal(after[still], steps_a[0][still]) and not torch.equal(after[moved], steps_a[0][moved])
+    assert all(torch.equal(v, clip_before[k]) for k, v in s["clip"].state_dict().items())
+
+
+def test_metaprompt_frozen_branches_are_plain_clip(tiny):
+    """With depth 1, no visual prompt token and the text context set to the words "a photo", l_i's image side and T_zs
+    are plain CLIP features, and the prompted text is CLIP's "a photo {class}."; l_mix then is plain CLIP's logits
+    against the two templates' average."""
+    import train
+    args = train.parse_args(["--method", "metaprompt", "--dataset", "oxford_pets", "--text-depth", "1",
+                             "--n-ctx-vision", "0"])
+    names = ["american_bulldog", "beagle", "boxer"]
+    learner = train.learner_for(args, tiny, "oxford_pets", names)
+    with torch.no_grad():
+        learner.text_ctx.copy_(prompts.word_embeddings(tiny, "a photo")[None])
+        images = torch.randn(3, 3, 32, 32)
+        image = torch.nn.functional.normalize(tiny.encode_image(images), dim=-1)
+        frozen_text = torch.nn.functional.normalize(tiny.encode_text(clip_model.tokenize(
+            [f"a photo of a {n}, a type of pet" for n in names])), dim=-1)  # raw names, as released
+        prompted_text = torch.nn.functional.normalize(tiny.encode_text(clip_model.tokenize(
+            [f"a photo {n.replace('_', ' ')}." for n in names])), dim=-1)
+        torch.testing.assert_close(learner.frozen_text_features, frozen_text, rtol=TOL, atol=TOL)
+        torch.testing.assert_close(learner.frozen_image_features(images), image, rtol=TOL, atol=TOL)
+        torch.testing.assert_close(learner.encode_text(), prompted_text, rtol=TOL, atol=TOL)
+        scale = tiny.logit_scale.exp()
+        torch.testing.assert_close(learner(images).logits, scale * image @ (frozen_text + prompted_text).t() / 2,
+                                   rtol=TOL, atol=TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The offline testbed (issue #8): the procedural world, the shipped small CLIP, the default run
 
 

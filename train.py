@@ -40,7 +40,13 @@ METHOD_DEFAULTS = {
     "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
     # mlvlab/ProMetaR configs/trainers/ProMetaR/vit_b16_c2_ep10_batch4_4+4ctx.yaml
     "prometar": {"epochs": 10, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
+    # Vill-Lab/2024-TIP-MetaPrompt configs/trainers/Meta_B2N/vit_b16.yaml + scripts/Meta/b2n.sh (LAYERS 12, both
+    # modalities: vision_depth follows text_depth)
+    "metaprompt": {"epochs": 8, "batch_size": 16, "lr": 0.0015, "ctx_init": None, "n_ctx_text": 2, "n_ctx_vision": 2,
+                   "text_depth": 12, "vision_depth": 12},
 }
+METAPROMPT_RELEASED_FLAGS = ("metaprompt_inner_optimizer", "metaprompt_frozen_drift", "metaprompt_aliased_restore",
+                             "metaprompt_raw_frozen_names", "metaprompt_domain_range")
 METHODS = (*prompts.METHODS, "prometar")
 # The offline testbed (issue #8; `--dataset world`, the default): the shipped small CLIP (3 layers, so prompt depth
 # 3), tiny images (no loader workers), and learning rates for its logit scale (~18, not 100: see testbed.py).
@@ -50,7 +56,7 @@ TESTBED_CHECKPOINT = str(testbed.CHECKPOINT)
 TESTBED_DEFAULTS = {"backbone": TESTBED_CHECKPOINT, "text_depth": 3, "vision_depth": 3, "num_workers": 0,
                     "epochs": 8, "batch_size": 4, "lr": 0.002, "n_ctx": 4}
 GENERAL_DEFAULTS = {"backbone": "ViT-B/16", "text_depth": 9, "vision_depth": 9, "num_workers": data.NUM_WORKERS,
-                    "n_ctx": 16}
+                    "n_ctx": 16, "n_ctx_text": 4, "n_ctx_vision": 4}
 COOP_EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp COOP.md; 200 for full data
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # Dassl defaults.py OPTIM.MOMENTUM / WEIGHT_DECAY
 WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5  # CoOp/PromptSRC configs: WARMUP_EPOCH 1, WARMUP_TYPE constant, CONS_LR 1e-5
@@ -82,9 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--ctx-init", default="", help='words for the initial context, e.g. "a photo of a"')
     p.add_argument("--class-specific", action="store_true", help="CoOp class-specific context (CSC)")
     p.add_argument("--class-token-position", default="end", choices=prompts.CLASS_TOKEN_POSITIONS)
-    p.add_argument("--n-ctx-text", type=int, default=4, help="IVLP text prompt tokens (PromptSRC: 4)")
-    p.add_argument("--n-ctx-vision", type=int, default=4, help="IVLP vision prompt tokens (PromptSRC: 4)")
-    p.add_argument("--text-depth", type=int, default=None, help="IVLP text prompt depth (PromptSRC: 9)")
+    p.add_argument("--n-ctx-text", type=int, default=None, help="text prompt tokens (PromptSRC: 4; MetaPrompt: 2)")
+    p.add_argument("--n-ctx-vision", type=int, default=None, help="vision prompt tokens (PromptSRC: 4; MetaPrompt: 2)")
+    p.add_argument("--text-depth", type=int, default=None, help="text prompt depth (PromptSRC: 9; MetaPrompt: 12, "
+                   "both modalities)")
     p.add_argument("--vision-depth", type=int, default=None, help="IVLP vision prompt depth (PromptSRC: 9)")
     # ProMetaR (released code: mlvlab/ProMetaR trainers/prometar.py, train.py:99-106)
     p.add_argument("--base", default="ivlp", choices=["ivlp", "coop"], help="ProMetaR's prompt model (paper: IVLP)")
@@ -102,6 +109,27 @@ def parse_args(argv=None):
     p.add_argument("--no-meta-second-step", dest="meta_second_step", action="store_false",
                    help="apply the meta-gradient together with step A in one optimizer step, instead of the "
                         "released code's second step of the prompt optimizer after step B")
+    # MetaPrompt (released code: Vill-Lab/2024-TIP-MetaPrompt trainers/meta.py, train.py); the behaviours of the
+    # release that change the numbers are on by default, --metaprompt-clean turns them all off (see meta.py)
+    p.add_argument("--metaprompt-meta-step", type=float, default=0.2, help="META_STEP: the meta write is "
+                   "prompt -= lr * META_STEP * sum of the split gradients, at the live lr (train.py default 0.2)")
+    released = argparse.BooleanOptionalAction
+    p.add_argument("--metaprompt-inner-optimizer", action=released, default=True,
+                   help="released: the inner step is a step of the main SGD optimizer (momentum, weight decay, momentum "
+                        "carried into the next step); --no-...: a plain SGD step with weight decay")
+    p.add_argument("--metaprompt-frozen-drift", action=released, default=True,
+                   help="released (torch 1.10 zero_grad): inner optimizer steps apply weight decay and momentum to the "
+                        "frozen prompt too")
+    p.add_argument("--metaprompt-aliased-restore", action=released, default=True,
+                   help="released: the restore aliases its snapshot, so only the first split is undone (B2N keeps "
+                        "split 1's inner step; DG splits chain); --no-...: every split starts from the same prompt")
+    p.add_argument("--metaprompt-raw-frozen-names", action=released, default=True,
+                   help="released: the frozen templates get raw class names (underscores kept)")
+    p.add_argument("--metaprompt-domain-range", action=released, default=True,
+                   help="released (DG): splits over domain ids 0..N-1 for N distinct ids in the batch, which can "
+                        "miss a batch; --no-...: each domain present once")
+    p.add_argument("--metaprompt-clean", action="store_true",
+                   help="MetaPrompt as the paper describes it: all five released behaviours above off")
     p.add_argument("--num-workers", type=int, default=None, help=f"loader processes ({data.NUM_WORKERS})")
     p.add_argument("--output-dir", default=None, help="default: output/<protocol>/<dataset>/<method>/shots_K/seed_S")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
@@ -127,6 +155,9 @@ def parse_args(argv=None):
         args.epochs = COOP_EPOCHS_BY_SHOTS.get(args.shots, max(COOP_EPOCHS_BY_SHOTS.values()))
     if args.method == "zeroshot":
         args.epochs = 0
+    if args.metaprompt_clean:
+        for flag in METAPROMPT_RELEASED_FLAGS:
+            setattr(args, flag, False)
     args.output_dir = args.output_dir or os.path.join(
         "output", args.protocol, args.dataset, args.method, f"shots_{args.shots}", f"seed_{args.seed}")
     return args
@@ -170,12 +201,14 @@ def dassl_lr(epoch: int, base_lr: float, epochs: int) -> float:
 
 
 def learner_for(args, clip, dataset, classnames):
-    templates = [data.zero_shot_template(dataset)]
+    templates = data.metaprompt_templates(dataset) if args.method == "metaprompt" else \
+        [data.zero_shot_template(dataset)]
     method = args.base if args.method == "prometar" else args.method  # ProMetaR trains IVLP's (or CoOp's) prompts
     return prompts.build_learner(method, clip, classnames, templates, n_ctx=args.n_ctx, ctx_init=args.ctx_init,
                                  class_specific=args.class_specific, class_token_position=args.class_token_position,
                                  n_ctx_text=args.n_ctx_text, n_ctx_vision=args.n_ctx_vision,
-                                 text_depth=args.text_depth, vision_depth=args.vision_depth)
+                                 text_depth=args.text_depth, vision_depth=args.vision_depth,
+                                 raw_frozen_names=args.metaprompt_raw_frozen_names)
 
 
 def build_optimizers(args, params: dict, gate):
@@ -278,6 +311,67 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
     return losses, logits
 
 
+def metaprompt_in_domain_losses(learner, images, labels, frozen_image) -> tuple:
+    """MetaPrompt's asymmetric contrastive loss, unit weights (meta.py:331-335): CE(l_mix) + CE(l_i) + CE(l_t)."""
+    l_mix, l_i, l_t = learner(images, branch="all", frozen_image=frozen_image)  # (B, C) each
+    return {"loss_mix": F.cross_entropy(l_mix, labels), "loss_i": F.cross_entropy(l_i, labels),
+            "loss_t": F.cross_entropy(l_t, labels)}, l_mix
+
+
+def metaprompt_text_loss(learner, params, batch) -> torch.Tensor:
+    """CE(l_t) of a class half (meta.py:363, 367): batch = (frozen image features (B, E), labels re-indexed within
+    the half (B,), the half's class ids); the text classifier is restricted to those classes."""
+    frozen_image, labels, classes = batch
+    logits = torch.func.functional_call(learner, params, (None,),
+                                        {"branch": "text", "frozen_image": frozen_image, "class_idx": classes})
+    return F.cross_entropy(logits, labels)  # logits (B, len(classes))
+
+
+def metaprompt_image_loss(learner, params, batch) -> torch.Tensor:
+    """CE(l_i) over all classes of some source domains (meta.py:490, 494): batch = (images (B, 3, H, W), labels)."""
+    images, labels = batch
+    return F.cross_entropy(torch.func.functional_call(learner, params, (images,), {"branch": "image"}), labels)
+
+
+def metaprompt_step(args, learner, optimizer, images, labels, domains):
+    """One MetaPrompt iteration as released (meta.py `Meta_B2N` / `Meta_DG.forward_backward`). Step A: the in-domain
+    loss on the whole batch, one SGD step of both prompts. Step B: the domain-split meta update of one prompt
+    (meta.domain_split_update), at the optimizer's live lr. Base-to-new: the text prompt over two random class halves,
+    the inner and meta-test losses CE(l_t) on each half's classes (only the text branch runs: the frozen image
+    features of the batch are computed once). Multi-source DG: the visual prompt, leave-one-domain-out in the batch,
+    CE(l_i) over all classes (only the image branch runs)."""
+    frozen_image = learner.frozen_image_features(images)  # (B, E), once per batch
+    losses, logits = metaprompt_in_domain_losses(learner, images, labels, frozen_image)  # step A
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    optimizer.step()
+    params = prompts.prompt_parameters(learner)
+    if args.protocol == "multi_source_dg":  # step B': visual prompt, leave one source domain out
+        name = "vision_ctx"
+        splits = [((images[s], labels[s]), (images[q], labels[q]))
+                  for s, q in meta.domain_splits(domains, args.metaprompt_domain_range)]
+        loss_fn = lambda p, b: metaprompt_image_loss(learner, p, b)
+    else:  # step B: text prompt, two random halves of the training classes
+        name = "text_ctx"
+        halves = meta.class_halves(learner.frozen_text_features.shape[0])
+        splits = [((frozen_image[s_mask], s_labels, s_classes), (frozen_image[q_mask], q_labels, q_classes))
+                  for (s_mask, s_labels, s_classes), (q_mask, q_labels, q_classes)
+                  in meta.class_half_splits(labels, halves)]
+        loss_fn = lambda p, b: metaprompt_text_loss(learner, p, b)
+    buffers = {k: optimizer.state[p].get("momentum_buffer") for k, p in params.items()}
+    new, buffers = meta.domain_split_update(
+        loss_fn, params, name, splits, buffers, lr=optimizer.param_groups[0]["lr"],
+        meta_step=args.metaprompt_meta_step, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+        inner_optimizer=args.metaprompt_inner_optimizer, frozen_drift=args.metaprompt_frozen_drift,
+        aliased_restore=args.metaprompt_aliased_restore)
+    with torch.no_grad():  # write the result as an optimizer would: values and momentum buffers
+        for k, p in params.items():
+            p.copy_(new[k])
+            if buffers[k] is not None:
+                optimizer.state[p]["momentum_buffer"] = buffers[k]
+    return {k: v.detach() for k, v in losses.items()}, logits
+
+
 def apply_gradients(optimizer, params, grads):
     """An optimizer step with hand-made gradients (ProMetaR sets p.grad itself, prometar.py:422-424)."""
     for name, p in params.items():
@@ -378,6 +472,8 @@ def main(args):
             images, labels = batch["img"].to(device, non_blocking=True), batch["label"].to(device)
             if gate is not None:
                 losses, logits = prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels)
+            elif args.method == "metaprompt":
+                losses, logits = metaprompt_step(args, learner, optimizer, images, labels, batch["domain"].to(device))
             else:
                 losses, logits = sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device)
             accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
