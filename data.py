@@ -55,6 +55,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
@@ -151,6 +152,7 @@ CUSTOM_TEMPLATES = {
     "ImageNetV2": "a photo of a {}.", "ImageNetA": "a photo of a {}.", "ImageNetR": "a photo of a {}.",
     "PACS": "a photo of a {}", "VLCS": "a photo of a {}", "OfficeHome": "a photo of a {}",
     "DomainNet": "a photo of a {}", "Synthetic": "a photo of a {}.", "World": "a photo of a {}.",
+    "SyntheticDG": "a photo of a {}.", "WorldStyles": "a photo of a {}.",
 }
 
 # MetaPrompt's frozen hand-made templates (Vill-Lab/2024-TIP-MetaPrompt trainers/meta.py:200-230, no final period;
@@ -272,6 +274,13 @@ DATASETS = {
                              ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
     "synthetic": DatasetSpec("Synthetic", "synthetic", "images", "split", "made by make_synthetic_dataset()",
                              "synthetic/{images/<class>/*.jpg, split_zhou_Synthetic.json}"),
+    "synthetic_dg": DatasetSpec("SyntheticDG", "synthetic_dg", "", "dg_folders", "made by make_synthetic_dg_dataset()",
+                                "synthetic_dg/<domain>/{train,val,test}/<class>/*.jpg",
+                                ("light", "dark", "sand")),
+    "world_styles": DatasetSpec("WorldStyles", "world_styles", "", "dg_folders",
+                                "made by: python testbed.py styles ROOT",
+                                "world_styles/<style>/{train,val,test}/<colour_shape>/*.png",
+                                ("clean", "washed", "dark", "noisy", "outline")),
     "world": DatasetSpec("World", "world", "images", "split", "made by: python testbed.py world ROOT",
                          "world/{images/<colour_shape>/*.png, split_zhou_World.json}"),
 }
@@ -547,13 +556,18 @@ def read_imagenet_variant(name, folder, image_dir):
 
 
 def split_domains(spec, target):
-    """MetaPrompt: SOURCE_DOMAINS.pop(DATASET.ID); target given by name or by that index."""
+    """MetaPrompt: SOURCE_DOMAINS.pop(DATASET.ID); target given by name or by that index. Multi-source DG needs at
+    least two source domains (the leave-one-domain-out split needs a domain on each side)."""
     domains = list(spec.domains)
-    if target is None or (str(target) not in domains and not str(target).isdigit()):
-        raise DataError(f"{spec.coop_name} needs a target domain (--target-domain), one of {', '.join(domains)}")
+    choices = f"one of {', '.join(domains)} (or its index), or all"
+    if target is None:
+        raise DataError(f"{spec.coop_name} needs a target domain: --target-domain {choices}")
+    if str(target) not in domains and not (str(target).isdigit() and int(target) < len(domains)):
+        raise DataError(f"'{target}' is not a domain of {spec.coop_name}: --target-domain {choices}")
+    if len(domains) < 3:
+        raise DataError(f"{spec.coop_name} has {len(domains)} domains: multi-source DG needs at least two source "
+                        "domains besides the target")
     index = int(target) if str(target).isdigit() else domains.index(str(target))
-    if index >= len(domains):
-        raise DataError(f"target domain index {index} out of range for {spec.coop_name}: {', '.join(domains)}")
     return domains[:index] + domains[index + 1:], domains[index]
 
 
@@ -583,7 +597,8 @@ def read_dg_folders(split_dir, domain, classnames=None, dataset=""):
 # Which lists of a DG suite make its val and test sets (MetaPrompt datasets/{pacs,vlcs,office_home,domainnet}.py);
 # train is always the sources' "train" list.
 DG_VAL_TEST = {"pacs": ("crossval", "train+crossval"), "vlcs": ("crossval", "test"),
-               "office_home": ("val", "train+val"), "domainnet": ("test", "test")}
+               "office_home": ("val", "train+val"), "domainnet": ("test", "test"),
+               "synthetic_dg": ("val", "test"), "world_styles": ("val", "test")}  # ours: train / val / test folders
 
 
 def dg_list_path(name, folder, domain, split):
@@ -962,6 +977,28 @@ def make_synthetic_dataset(root, n_classes=6, n_per_class=10, image_size=(32, 32
                 image_dir / name / f"{name}_{i:04d}.jpg", quality=90)
     train, val, test = read_and_split_data(str(image_dir), rng)
     save_split(train, val, test, folder / "split_zhou_Synthetic.json", str(image_dir))
+    return classnames
+
+
+SYNTHETIC_DG_BACKGROUNDS = {"light": (225, 225, 225), "dark": (40, 40, 40), "sand": (200, 180, 120)}  # domains
+
+
+def make_synthetic_dg_dataset(root, n_classes=4, per_domain=(6, 2, 4), image_size=(32, 32), seed=0):
+    """Write a small multi-source DG suite `<root>/synthetic_dg/<domain>/{train,val,test}/<class>/*.jpg`: the
+    synthetic classes on three backgrounds (light, dark, sand), one per domain; deterministic for a seed."""
+    rng = random.Random(seed)
+    classnames = sorted([f"{c}_{s}" for s in SYNTHETIC_SHAPES for c in SYNTHETIC_COLOURS][:n_classes])
+    for domain, background in SYNTHETIC_DG_BACKGROUNDS.items():
+        for split, n in zip(("train", "val", "test"), per_domain):
+            for name in classnames:
+                colour, shape = name.split("_")
+                folder = Path(root) / "synthetic_dg" / domain / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    image = draw_shape(SYNTHETIC_COLOURS[colour], shape, image_size, rng)
+                    pixels = np.asarray(image).copy()
+                    pixels[(pixels > 140).all(-1)] = background  # the pale background becomes the domain's
+                    Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
     return classnames
 
 

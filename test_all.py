@@ -2094,6 +2094,87 @@ def test_metaprompt_frozen_branches_are_plain_clip(tiny):
                                    rtol=TOL, atol=TOL)
 
 
+def test_metaprompt_base_to_new_run_writes_results(harness, tmp_path):
+    args = run_train(harness, tmp_path, "--method", "metaprompt", "--epochs", "2")
+    assert (args.n_ctx_text, args.n_ctx_vision, args.batch_size, args.text_depth) == (2, 2, 16, 2)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["splits"]) == {"base", "new"} and results["config"]["method"] == "metaprompt"
+    log = read_log(tmp_path)
+    assert {"loss_mix", "loss_i", "loss_t"} <= set(log[0]) and all(math.isfinite(r["loss_t"]) for r in log)
+    import eval as evaluation
+    new = evaluation.evaluate_checkpoint(tmp_path / "prompts.pt", "synthetic", harness / "data", "new", num_workers=0)
+    assert new == results["splits"]["new"]
+
+
+def test_metaprompt_dg_run_over_every_target(harness, tmp_path):
+    """--target-domain all on a three-domain synthetic suite: one run per held-out domain (its few shots drawn per
+    class and source domain), results per target, their average, and eval.py's DG table."""
+    import eval as evaluation
+    import train
+    data.make_synthetic_dg_dataset(harness / "dg")
+    out = tmp_path / "multi_source_dg" / "synthetic_dg" / "metaprompt" / "shots_2" / "seed_1"
+    args = train.parse_args(["--dataset", "synthetic_dg", "--root", str(harness / "dg"), "--backbone",
+                             str(harness / "tiny.pt"), "--method", "metaprompt", "--target-domain", "all", "--shots",
+                             "2", "--epochs", "1", "--text-depth", "2", "--num-workers", "0", "--no-progress",
+                             "--output-dir", str(out)])
+    assert args.protocol == "multi_source_dg" and (args.n_ctx_text, args.batch_size) == (4, 32)  # DG config
+    train.run(args)
+    summary = json.loads((out / "results.json").read_text())["splits"]
+    assert set(summary) == {"light", "dark", "sand", "average"}
+    per_target = {d: json.loads((out / d / "results.json").read_text())["splits"]["test"] for d in ("light", "dark",
+                                                                                                   "sand")}
+    assert all(summary[d] == per_target[d] for d in per_target)
+    assert summary["average"]["accuracy"] == pytest.approx(sum(m["accuracy"] for m in per_target.values()) / 3)
+    fewshot = data.build_dataset("synthetic_dg", harness / "dg", shots=2, target_domain="sand")
+    assert len(fewshot.train) == 2 * 4 * 2  # 2 shots x 4 classes x 2 source domains
+    table = evaluation.dg_table(evaluation.collect_dg(tmp_path / "multi_source_dg"))
+    assert f"| metaprompt | synthetic_dg | 2 | 1 | dark {per_target['dark']['accuracy']:.2f}" in table
+    assert f"{summary['average']['accuracy']:.2f} ± 0.00 | - |" in table
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "pacs"], ("PACS needs a target domain: --target-domain one of art_painting, cartoon, photo, "
+                            "sketch (or its index), or all")),
+    (["--dataset", "pacs", "--target-domain", "mars"], "'mars' is not a domain of PACS: --target-domain one of"),
+    (["--dataset", "dtd", "--protocol", "multi_source_dg"], ("dtd has no domains; multi-source DG needs one of: pacs, "
+                                                            "vlcs, office_home, domainnet")),
+    (["--dataset", "pacs", "--protocol", "base2new", "--target-domain", "photo"],
+     ("pacs is a multi-source DG suite: use --protocol multi_source_dg --target-domain <art_painting|cartoon|photo|"
+     "sketch|all>")),
+    (["--dataset", "two_domains", "--target-domain", "a"], "has 2 domains: multi-source DG needs at least two source"),
+])
+def test_dg_bad_input_is_one_line(tmp_path, monkeypatch, argv, message):
+    import train
+    monkeypatch.setitem(data.DATASETS, "two_domains", data.DATASETS["synthetic_dg"]._replace(
+        coop_name="TwoDomains", domains=("a", "b")))
+    for name in ("pacs", "dtd", "synthetic_dg"):
+        (tmp_path / data.DATASETS[name].dataset_dir).mkdir(exist_ok=True)
+    (tmp_path / "dtd" / "images").mkdir(exist_ok=True)
+    args = train.parse_args([*argv, "--root", str(tmp_path), "--backbone", "ViT-B/16"])
+    with pytest.raises(data.DataError) as error:
+        train.check_inputs(args)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_testbed_styles_are_domains_worth_learning_across(tmp_path):
+    """`testbed.py styles`: the world in five styles in the DG suites' layout; the shipped small CLIP's zero-shot
+    48-way accuracy is well above chance in each style, and the styles differ (the domain shift)."""
+    result = subprocess.run([sys.executable, str(ROOT / "testbed.py"), "styles", str(tmp_path)], check=False,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    model = clip_model.load(testbed.CHECKPOINT, device="cpu")
+    accuracy = {}
+    for style in testbed.WORLD_STYLES:
+        splits = data.build_dataset("world_styles", tmp_path, shots=0, target_domain=style)
+        assert len(splits.classnames) == 48 and len(splits.test) == 480 and len(splits.train) == 4 * 48 * 5
+        learner = prompts.ZeroShotCLIP(model, splits.classnames, [data.zero_shot_template("world_styles")])
+        loader = data.build_loader(splits.test, train=False, size=32, num_workers=0)
+        accuracy[style] = data.classification_metrics(*prompts.predict(learner, loader, "cpu"))["accuracy"]
+    chance = 100 / 48
+    assert all(a > 8 * chance for a in accuracy.values()), accuracy
+    assert max(accuracy.values()) - min(accuracy.values()) > 15, accuracy  # clean ~51 %, the others ~21-26 %
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The offline testbed (issue #8): the procedural world, the shipped small CLIP, the default run
 

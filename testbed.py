@@ -67,6 +67,11 @@ WORLD_CROP_SCALE = (0.5, 1.0)  # train-time RandomResizedCrop scale: Dassl's 0.0
 WORLD_WASHOUT = 0.6  # downstream style shift: blend 60 % towards grey (washed-out colours)
 WORLD_SPLIT = (20, 4, 50)  # train / val / test images per class of the downstream task
 WORLD_SEED = 0
+# The DG task: the world in five styles, each a domain (leave-one-style-out multi-source DG, MetaPrompt's setting).
+WORLD_STYLES = {"clean": {}, "washed": {"washout": WORLD_WASHOUT}, "dark": {"brightness": 0.35},
+                "noisy": {"noise_std": 40.0}, "outline": {"outline": True}}
+WORLD_OUTLINE_WIDTH = 4  # px at the 64 px drawing size
+STYLES_SPLIT = (5, 4, 10)  # train / val / test images per class and style (5 shots per class and domain at most)
 CAPTION_TEMPLATES = (  # {c} colour, {s} shape, {p} pattern, {z} size, {o} position
     "a {c} {s}", "a photo of a {c} {s}.", "a {c} {p} {s}", "a {z} {c} {s}", "a {z} {c} {p} {s} on the {o}",
     "a {s} that is {c}", "a picture of a {c} {s}", "the {c} {s}", "a {p} {c} {s}", "a {c} {s} on the {o}",
@@ -109,9 +114,11 @@ def shape_polygon(shape, cx, cy, r, angle):
              cy + radii[k % len(radii)] * math.sin(angle + 2 * math.pi * k / n)) for k in range(n)]
 
 
-def render_world_image(attrs, rng, washout=0.0):
+def render_world_image(attrs, rng, washout=0.0, outline=False, noise_std=WORLD_NOISE_STD, brightness=1.0):
     """A 32 px RGB image of the scene `attrs` (PIL), drawn at 64 px: tinted gradient background, shape with its
-    pattern and a jittered colour, pixel noise; `washout` blends it towards grey (the downstream style shift)."""
+    pattern and a jittered colour, pixel noise; `washout` blends it towards grey (the downstream style shift). The
+    other styles of the DG task: `outline` draws only the shape's contour, `noise_std` sets the pixel noise,
+    `brightness` scales the image (the defaults give the bytes of the base-to-new task)."""
     n = WORLD_IMAGE_SIZE * WORLD_DRAW_SCALE
     grey, tint = rng.randint(70, 190), [rng.randint(-20, 20) for _ in range(3)]
     slope = rng.uniform(-0.6, 0.6)
@@ -136,12 +143,16 @@ def render_world_image(attrs, rng, washout=0.0):
     cx, cy = n / 2 + offset[0] * (n / 2 - r - 2), n / 2 + offset[1] * (n / 2 - r - 2)
     mask = Image.new("L", (n, n), 0)
     angle = math.radians(rng.uniform(-WORLD_MAX_ROTATION, WORLD_MAX_ROTATION))
-    ImageDraw.Draw(mask).polygon(shape_polygon(attrs["s"], cx, cy, r, angle), fill=255)
+    outline_width = {"outline": 255, "width": WORLD_OUTLINE_WIDTH} if outline else {"fill": 255}
+    ImageDraw.Draw(mask).polygon(shape_polygon(attrs["s"], cx, cy, r, angle), **outline_width)
     if attrs["s"] == "ring":
-        ImageDraw.Draw(mask).ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2], fill=0)
+        ImageDraw.Draw(mask).ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2],
+                                     **(outline_width if outline else {"fill": 0}))
     image = Image.composite(fill, background, mask).resize((WORLD_IMAGE_SIZE,) * 2, Image.BOX)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, WORLD_NOISE_STD, (WORLD_IMAGE_SIZE,) * 2 + (3,))
-    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, noise_std, (WORLD_IMAGE_SIZE,) * 2 + (3,))
+    pixels = (np.asarray(image, dtype=np.float64) + noise) * brightness if brightness != 1.0 else \
+        np.asarray(image, dtype=np.float64) + noise
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     return Image.blend(image, Image.new("RGB", image.size, (128, 128, 128)), washout) if washout else image
 
 
@@ -177,6 +188,37 @@ def make_world_dataset(root, seed=WORLD_SEED, per_class=WORLD_SPLIT, washout=WOR
             raise FileExistsError(f"{root / 'world'} already exists; delete it to write the world again")
         os.replace(folder, root / "world")
     return [f"{c} {s}" for c, s in world_classes()]
+
+
+def make_styles_dataset(root, seed=WORLD_SEED, per_class=STYLES_SPLIT):
+    """Write the DG task in the layout of the DG suites: `<root>/world_styles/<style>/{train,val,test}/<colour>_<shape>/
+    *.png`, the 48 classes in every style of WORLD_STYLES; each style from its own seeded stream (seed * 100 + its
+    index), deterministic. Built under a temporary name and renamed at the end."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".world_styles-") as tmp:
+        folder = Path(tmp) / "world_styles"
+        for index, (style, options) in enumerate(WORLD_STYLES.items()):
+            rng = random.Random(seed * 100 + index)
+            for colour, shape in world_classes():
+                for i in range(sum(per_class)):
+                    split = "train" if i < per_class[0] else "val" if i < per_class[0] + per_class[1] else "test"
+                    path = folder / style / split / f"{colour}_{shape}" / f"{i:03d}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    render_world_image(sample_world_attributes(rng, colour, shape), rng, **options).save(path)
+        if (root / "world_styles").exists():
+            raise FileExistsError(f"{root / 'world_styles'} already exists; delete it to write the styles again")
+        os.replace(folder, root / "world_styles")
+    return list(WORLD_STYLES)
+
+
+def ensure_dataset(name, root) -> Path:
+    """The testbed dataset `name` ("world" or "world_styles") under `root`, written on first use."""
+    folder = Path(root).expanduser() / name
+    if not folder.is_dir():
+        print(f"writing the testbed's {name} dataset to {folder} (a few seconds, once)", file=sys.stderr)
+        (make_world_dataset if name == "world" else make_styles_dataset)(Path(root).expanduser())
+    return folder
 
 
 def ensure_world(root) -> Path:
@@ -376,6 +418,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     world = sub.add_parser("world", help="write the downstream task in CoOp's layout to DIR/world")
     world.add_argument("dir")
+    styles = sub.add_parser("styles", help="write the DG task (the world in 5 styles) to DIR/world_styles")
+    styles.add_argument("dir")
     pairs = sub.add_parser("pairs", help="write N image-caption pairs and DIR/pairs.csv (open_clip convention)")
     pairs.add_argument("dir")
     pairs.add_argument("--n", type=int, default=10_000, help="number of pairs")
@@ -398,6 +442,12 @@ def main(argv=None):
         make_world_dataset(args.dir)
         print(f"wrote {Path(args.dir) / 'world'}: {len(world_classes())} classes, "
               f"{'/'.join(map(str, WORLD_SPLIT))} train/val/test images each")
+    elif args.command == "styles":
+        if (Path(args.dir) / "world_styles").exists():
+            raise FileExistsError(f"{Path(args.dir) / 'world_styles'} already exists; delete it to write it again")
+        make_styles_dataset(args.dir)
+        print(f"wrote {Path(args.dir) / 'world_styles'}: styles {', '.join(WORLD_STYLES)}, {len(world_classes())} "
+              f"classes, {'/'.join(map(str, STYLES_SPLIT))} train/val/test images per class and style")
     elif args.command == "pairs":
         print(f"wrote {write_pairs(args.dir, args.n, args.seed, args.csv_separator)}: {args.n} image-caption pairs")
     else:

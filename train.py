@@ -45,6 +45,9 @@ METHOD_DEFAULTS = {
     "metaprompt": {"epochs": 8, "batch_size": 16, "lr": 0.0015, "ctx_init": None, "n_ctx_text": 2, "n_ctx_vision": 2,
                    "text_depth": 12, "vision_depth": 12},
 }
+# Vill-Lab/2024-TIP-MetaPrompt configs/trainers/Meta_DG/vit_b16.yaml + scripts/Meta/dg.sh: multi-source DG
+METAPROMPT_DG_DEFAULTS = {"epochs": 6, "batch_size": 32, "n_ctx_text": 4, "n_ctx_vision": 4}
+PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization", "multi_source_dg")
 METAPROMPT_RELEASED_FLAGS = ("metaprompt_inner_optimizer", "metaprompt_frozen_drift", "metaprompt_aliased_restore",
                              "metaprompt_raw_frozen_names", "metaprompt_domain_range")
 METHODS = (*prompts.METHODS, "prometar")
@@ -53,6 +56,7 @@ METHODS = (*prompts.METHODS, "prometar")
 TESTBED_CHECKPOINT = str(testbed.CHECKPOINT)
 # Every method gets the same budget there: 8 epochs of batch 4 at lr 0.002 (ProMetaR: 86 s on 2 CPU cores), and
 # CoOp 4 context vectors (its 16 do not fit the testbed's 16-token context).
+TESTBED_DATASETS = ("world", "world_styles")  # written by testbed.py, trained with the shipped small CLIP
 TESTBED_DEFAULTS = {"backbone": TESTBED_CHECKPOINT, "text_depth": 3, "vision_depth": 3, "num_workers": 0,
                     "epochs": 8, "batch_size": 4, "lr": 0.002, "n_ctx": 4}
 GENERAL_DEFAULTS = {"backbone": "ViT-B/16", "text_depth": 9, "vision_depth": 9, "num_workers": data.NUM_WORKERS,
@@ -74,12 +78,14 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="world", help="training dataset (data.DATASETS); world = offline testbed")
     p.add_argument("--root", default="data", help="folder holding the datasets in CoOp's layout")
     p.add_argument("--method", default="prometar", choices=METHODS)
-    p.add_argument("--protocol", default="base2new",
-                   choices=["base2new", "fewshot", "cross_dataset", "domain_generalization"])
+    p.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                   help="default: multi_source_dg for a DG suite (pacs, vlcs, office_home, domainnet, world_styles, "
+                        "...), base2new otherwise")
     p.add_argument("--shots", type=int, default=16, help="K images per class (CoOp: 1, 2, 4, 8, 16)")
     p.add_argument("--seed", type=int, default=1, help="papers report seeds 1, 2, 3")
     p.add_argument("--eval-datasets", default=None, help="comma list for cross_dataset / DG (default: the papers')")
-    p.add_argument("--target-domain", default=None, help="held-out domain of a DG suite (pacs, vlcs, ...)")
+    p.add_argument("--target-domain", default=None, help="multi-source DG: the held-out domain (name or index), "
+                   "or all: every domain in turn, results per target and their average")
     p.add_argument("--backbone", default=None, help="CLIP name or checkpoint path (ViT-B/16; testbed: its own)")
     p.add_argument("--epochs", type=int, default=None, help="default: the method's official config")
     p.add_argument("--batch-size", type=int, default=None, help="default: the method's official config")
@@ -145,9 +151,13 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value is not None and value < (-1 if flag == "shots" else 0):
             p.error(f"--{flag.replace('_', '-')} {value} must not be negative")
-    # unset flags: the testbed's values on `world`, else the method's official config, else the general ones
-    defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[args.method],
-                **(TESTBED_DEFAULTS if args.dataset == "world" else {})}
+    spec = data.DATASETS.get(args.dataset)
+    args.protocol = args.protocol or ("multi_source_dg" if spec is not None and spec.domains else "base2new")
+    # unset flags: the testbed's values on its datasets, else the method's official config for the protocol, else
+    # the general ones
+    dg_config = METAPROMPT_DG_DEFAULTS if args.method == "metaprompt" and args.protocol == "multi_source_dg" else {}
+    defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[args.method], **dg_config,
+                **(TESTBED_DEFAULTS if args.dataset in TESTBED_DATASETS else {})}
     for key, value in defaults.items():
         if getattr(args, key) in (None, ""):
             setattr(args, key, value)
@@ -159,7 +169,8 @@ def parse_args(argv=None):
         for flag in METAPROMPT_RELEASED_FLAGS:
             setattr(args, flag, False)
     args.output_dir = args.output_dir or os.path.join(
-        "output", args.protocol, args.dataset, args.method, f"shots_{args.shots}", f"seed_{args.seed}")
+        "output", args.protocol, args.dataset, args.method, f"shots_{args.shots}", f"seed_{args.seed}",
+        *([str(args.target_domain)] if args.protocol == "multi_source_dg" and args.target_domain else []))
     return args
 
 
@@ -167,9 +178,17 @@ def check_inputs(args):
     """Every check that needs no download and no model, run before the backbone is loaded or fetched: the datasets
     (name, root, folders, the files their readers need, shots, target domain), the backbone name or file, the
     checkpoint to evaluate. Raises data.DataError / clip_model.CheckpointError with one line."""
-    if args.dataset == "world":  # the offline testbed is made, not downloaded
-        testbed.ensure_world(args.root)
-    data.check_request(args.dataset, args.root, args.shots, args.download, args.target_domain)
+    if args.dataset in TESTBED_DATASETS:  # the offline testbed is made, not downloaded
+        testbed.ensure_dataset(args.dataset, args.root)
+    domains = data.get_spec(args.dataset).domains
+    if args.protocol == "multi_source_dg" and not domains:
+        suites = ", ".join(n for n, s in data.DATASETS.items() if s.domains)
+        raise data.DataError(f"{args.dataset} has no domains; multi-source DG needs one of: {suites}")
+    if domains and args.protocol != "multi_source_dg":
+        raise data.DataError(f"{args.dataset} is a multi-source DG suite: use --protocol multi_source_dg "
+                             f"--target-domain <{'|'.join(domains)}|all>")
+    for target in (domains if args.target_domain == "all" else [args.target_domain]):
+        data.check_request(args.dataset, args.root, args.shots, args.download, target)
     for name, dataset, _, target in evaluation_targets(args):
         if dataset != args.dataset:  # cross-dataset / DG evaluation sets are read, never downloaded
             data.check_request(dataset, args.root, args.shots, False, target)
@@ -401,7 +420,7 @@ def evaluation_targets(args):
     """(name in results, dataset, class subset, target domain) for each test of the protocol."""
     if args.protocol == "base2new":
         return [("base", args.dataset, "base", None), ("new", args.dataset, "new", None)]
-    if args.protocol == "fewshot" or args.target_domain:
+    if args.protocol in ("fewshot", "multi_source_dg"):
         return [("test", args.dataset, "all", args.target_domain)]
     names = args.eval_datasets.split(",") if args.eval_datasets else PROTOCOL_EVAL[args.protocol]
     return [(name, name, "all", None) for name in [args.dataset, *names]]
@@ -430,7 +449,7 @@ def main(args):
         metrics = evaluate(args, clip, ckpt["prompts"], args.dataset, args.subsample, device, args.target_domain)
         print(json.dumps(write_results(args, {args.subsample: metrics}, device, time.time() - start_time)["splits"]))
         return
-    subsample = "base" if args.protocol == "base2new" else "all"
+    subsample = "base" if args.protocol == "base2new" else "all"  # DG: every class, few shots per source domain
     train, _, _, classnames = data.build_dataset(args.dataset, args.root, shots=args.shots, seed=args.seed,
                                                  subsample=subsample, download=args.download,
                                                  target_domain=args.target_domain)
@@ -524,6 +543,26 @@ def log_iteration(log, epoch, iteration, losses, accuracy, lr, tick) -> float:
     return now
 
 
+def run(args):
+    """main(args), or for `--target-domain all` main once per target domain of the DG suite (in <output-dir>/<target>)
+    and then <output-dir>/results.json with the accuracy per target and their average (MetaPrompt's DG tables)."""
+    if args.protocol != "multi_source_dg" or args.target_domain != "all":
+        return main(args)
+    check_inputs(args)
+    per_target, start_time = {}, time.time()
+    for target in data.get_spec(args.dataset).domains:
+        target_args = argparse.Namespace(**{**vars(args), "target_domain": target,
+                                            "output_dir": os.path.join(args.output_dir, target)})
+        main(target_args)
+        with open(os.path.join(target_args.output_dir, "results.json")) as f:
+            per_target[target] = json.load(f)["splits"]["test"]
+    average = {k: sum(m[k] for m in per_target.values()) / len(per_target) for k in ("accuracy", "macro_f1")}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    write_results(args, {**per_target, "average": average}, device, time.time() - start_time)
+    print(f"average over {len(per_target)} target domains: {average['accuracy']:.2f}; "
+          f"results in {os.path.join(args.output_dir, 'results.json')}")
+
+
 def progress(iterable, desc, disable):
     from tqdm import tqdm
     return tqdm(iterable, desc=desc, disable=disable, leave=False)
@@ -532,6 +571,6 @@ def progress(iterable, desc, disable):
 if __name__ == "__main__":
     data.one_line_warnings()
     try:
-        main(parse_args())
+        run(parse_args())
     except (data.DataError, clip_model.CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
