@@ -9,13 +9,16 @@ second-order meta step) at ViT-B/16, batch 4, 24 classes (DTD's base classes, th
 where the official ProMetaR code, mlvlab/ProMetaR @ c907bdb, took 41 s and 12.8 GB per iteration on a 2-core CPU),
 the same way.
 
-`python benchmark.py testbed` trains and evaluates zero-shot CLIP, CoOp, IVLP and ProMetaR on the offline testbed
-(`--dataset world`, the shipped small CLIP, each method's testbed defaults from train.py) for seeds 1, 2, 3, and
-prints base / new / HM as mean ± std over the seeds (the README's testbed table comes from this command).
+`python benchmark.py testbed` trains and evaluates zero-shot CLIP, CoOp, IVLP, ProMetaR and MetaPrompt on the offline
+testbed with the shipped small CLIP and each method's testbed defaults from train.py, for seeds 1, 2, 3: base-to-new
+on `world` (base / new / HM, mean ± std over the seeds), and leave-one-style-out multi-source DG on `world_styles`
+with 1 and 5 shots per class and source style (accuracy per held-out style and the average). The README's testbed
+tables come from this command; a run whose results.json exists is not run again, so an interrupted call resumes.
 """
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -80,17 +83,24 @@ def run_case(case: str, repeats: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-TESTBED_METHODS = ("zeroshot", "coop", "ivlp", "prometar")
+TESTBED_METHODS = ("zeroshot", "coop", "ivlp", "prometar", "metaprompt")
+DG_SHOTS = (1, 5)  # MetaPrompt's DG table: 1 and 5 shots per class and source domain
 
 
-def run_testbed(seeds, root: str, output: str) -> str:
-    """Every testbed method for every seed through train.py's own main, then eval.py's table."""
-    for method in TESTBED_METHODS:
-        for seed in seeds:
-            out = f"{output}/world/{method}/shots_16/seed_{seed}"
-            train.main(train.parse_args(["--method", method, "--seed", str(seed), "--root", root,
-                                         "--output-dir", out, "--no-progress"]))
-    return evaluation.markdown_table(evaluation.collect(output))
+def run_testbed(seeds, root: str, output: str, dg_shots=DG_SHOTS) -> str:
+    """Every testbed method for every seed through train.py (base-to-new on world; DG on world_styles, every style
+    held out in turn), then eval.py's two tables."""
+    runs = [(method, ["--dataset", "world"], f"{output}/base2new/world/{method}/shots_16/seed_{seed}", seed)
+            for method in TESTBED_METHODS for seed in seeds]
+    runs += [(method, ["--dataset", "world_styles", "--target-domain", "all", "--shots", str(shots)],
+              f"{output}/multi_source_dg/world_styles/{method}/shots_{shots}/seed_{seed}", seed)
+             for shots in dg_shots for method in TESTBED_METHODS for seed in seeds]
+    for method, extra, out, seed in runs:
+        if not os.path.exists(f"{out}/results.json"):
+            train.run(train.parse_args(["--method", method, "--seed", str(seed), "--root", root, *extra,
+                                        "--output-dir", out, "--no-progress"]))
+    return (evaluation.markdown_table(evaluation.collect(f"{output}/base2new")) + "\n\n"
+            + evaluation.dg_table(evaluation.collect_dg(f"{output}/multi_source_dg")))
 
 
 def main():
@@ -100,11 +110,12 @@ def main():
                         help="run one case in this process (used internally)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="testbed seeds")
+    parser.add_argument("--dg-shots", type=int, nargs="+", default=list(DG_SHOTS), help="testbed DG shots")
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
     parser.add_argument("--output", default="output/testbed", help="testbed: where runs are written")
     args = parser.parse_args()
     if args.what == "testbed":
-        print(run_testbed(args.seeds, args.root, args.output))
+        print(run_testbed(args.seeds, args.root, args.output, args.dg_shots))
         return
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats)))

@@ -2094,6 +2094,81 @@ def test_metaprompt_frozen_branches_are_plain_clip(tiny):
                                    rtol=TOL, atol=TOL)
 
 
+def hand_metaprompt_iteration(learner, images, labels, lr, halves):
+    """One released Meta_B2N iteration written out (meta.py:330-378): step A, CE(l_mix) + CE(l_i) + CE(l_t) and an
+    SGD step (momentum 0.9, weight decay 5e-4) of both prompts; step B over the two class halves: an inner SGD step of
+    the text prompt on CE(l_t) of the other half (the frozen visual prompt still decays, torch 1.10), the meta-test
+    gradient of CE(l_t) on half i at the adapted prompt, the aliased restore (only split 0 undone), and
+    text -= lr * 0.2 * (g0 + g1). Returns (text, vision, text buffer, vision buffer)."""
+    from torch.func import functional_call
+    from torch.nn.functional import cross_entropy
+    params = {k: v.detach().clone().requires_grad_() for k, v in prompts.prompt_parameters(learner).items()}
+    l_mix, l_i, l_t = functional_call(learner, params, (images,), {"branch": "all"})
+    loss = cross_entropy(l_mix, labels) + cross_entropy(l_i, labels) + cross_entropy(l_t, labels)
+    g_text, g_vision = torch.autograd.grad(loss, [params["text_ctx"], params["vision_ctx"]])
+    with torch.no_grad():
+        text, t_buf = hand_sgd(params["text_ctx"], g_text, None, lr, MOM, WD)
+        vision, v_buf = hand_sgd(params["vision_ctx"], g_vision, None, lr, MOM, WD)
+    frozen = learner.frozen_image_features(images)
+
+    def text_loss(theta, vision_now, classes):
+        mask = torch.tensor([int(y) in classes for y in labels])
+        local = torch.tensor([classes.index(int(y)) for y in labels[mask]])
+        logits = functional_call(learner, {"text_ctx": theta, "vision_ctx": vision_now}, (None,),
+                                 {"branch": "text", "frozen_image": frozen[mask], "class_idx": classes})
+        return cross_entropy(logits, local)
+    theta0, grads = text.clone(), []
+    for i in (0, 1):
+        theta = text.clone().requires_grad_()
+        (g,) = torch.autograd.grad(text_loss(theta, vision, halves[1 - i]), [theta])
+        with torch.no_grad():
+            adapted, t_buf = hand_sgd(text, g, t_buf, lr, MOM, WD)
+            vision, v_buf = hand_sgd(vision, torch.zeros_like(vision), v_buf, lr, MOM, WD)
+        query_point = adapted.clone().requires_grad_()
+        grads.append(torch.autograd.grad(text_loss(query_point, vision, halves[i]), [query_point])[0])
+        text = theta0 if i == 0 else adapted
+    return text - lr * 0.2 * (grads[0] + grads[1]), vision, t_buf, v_buf
+
+
+def test_metaprompt_iteration_equals_a_hand_written_reference(metaprompt_setup):
+    """train.metaprompt_step with the released flags and train.build_optimizers against the reference above, on a
+    batch where every class of both halves is present (class halves drawn by the seeded torch generator)."""
+    import train
+    s = metaprompt_setup
+    learner, lr = s["learner"], 0.03  # the live (scheduled) lr, not the configured 0.05
+    torch.manual_seed(7)
+    order = torch.randperm(6).tolist()
+    halves = [order[:3], order[3:]]
+    expected = hand_metaprompt_iteration(learner, s["images"], s["labels"], lr, halves)
+    optimizer, _ = train.build_optimizers(s["args"], prompts.prompt_parameters(learner), None)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(7)  # metaprompt_step's class halves come from the same draw
+    losses, _ = train.metaprompt_step(s["args"], learner, optimizer, s["images"], s["labels"], s["domains"])
+    assert set(losses) == {"loss_mix", "loss_i", "loss_t"}
+    params = prompts.prompt_parameters(learner)
+    got = (params["text_ctx"], params["vision_ctx"], optimizer.state[params["text_ctx"]]["momentum_buffer"],
+           optimizer.state[params["vision_ctx"]]["momentum_buffer"])
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-11, atol=1e-14)
+
+
+def test_metaprompt_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch):
+    import train
+    extra = ("--method", "metaprompt", "--epochs", "3", "--batch-size", "4")
+    run_train(harness, tmp_path / "full", *extra)
+    save = interrupt_after_saves(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(harness, tmp_path / "cut", *extra)
+    monkeypatch.setattr(train, "save_atomic", save)
+    run_train(harness, tmp_path / "cut", *extra, "--resume")
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(full["prompts"][k], resumed["prompts"][k]) for k in full["prompts"])
+    buffers = lambda c: [s["momentum_buffer"] for s in c["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(buffers(full), buffers(resumed), strict=True))
+
+
 def test_metaprompt_base_to_new_run_writes_results(harness, tmp_path):
     args = run_train(harness, tmp_path, "--method", "metaprompt", "--epochs", "2")
     assert (args.n_ctx_text, args.n_ctx_vision, args.batch_size, args.text_depth) == (2, 2, 16, 2)
