@@ -22,6 +22,7 @@ Shape legend: P a parameter's shape, D = numel(P), r channels sharing one gate (
 """
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -246,3 +247,218 @@ def domain_split_update(loss_fn, params: dict, name: str, splits: list, buffers:
     if meta_grads:
         current[name] = current[name] - lr * meta_step * torch.stack(meta_grads).sum(0)
     return current, buffers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRAM's gradient-regulating function (Li et al., "Gradient-Regulated Meta-Prompt Learning for Generalizable
+# Vision-Language Models", ICCV 2023, arXiv:2303.06571v2). GRAM released no code; its paper states that a lightweight
+# gradient-regulating function is meta-learned with the prompt initialisation and applied to every fine-tuning
+# gradient. Its form is the one of the same group's SUPMER (beepkh/SUPMER @ adaddb31, model/grad_trans.py), marked
+# "SUPMER:" below; choices neither source fixes are marked "reconstruction:".
+
+REGULATOR_RANK = 1920  # SUPMER: pretrain_args.py rank (full rank for CLIP widths 512 / 768)
+REGULATOR_LAYERS = 2  # SUPMER: n_hidden + 1 = 2 row-wise layers
+GATE_HIDDEN = 24  # SUPMER: grad_trans.py gate width
+NORM_EPS = 1e-12  # guards the norm matching of an all-zero (ReLU-killed) row
+
+
+class GradientRegulator(nn.Module):
+    """psi_phi(G, e) = (1 - c) T^(G) + c G for a prompt gradient G (..., d), its rows the prompt tokens:
+    T: 2 row-wise layers x <- ReLU(U V x + b) (weights shared across rows), U, V ~ N(0, 1), b = 0 (SUPMER "id" init,
+    which is not an identity map); T^: T rescaled to G's norms, per row (norm_mode="row", SUPMER's meta-training) or
+    as a whole (norm_mode="global", SUPMER's released downstream config); c = sigmoid(w2 . ReLU(W1 e + b1) + b2) a
+    scalar gate of the context e (d,), default nn.Linear init.
+    identity_start=True (reconstruction: MEND's residual form): x <- x + U V x + b with ReLU on the hidden layer's
+    increment only and U = 0, so that T(G) = G and psi(G) = G exactly at initialisation."""
+
+    def __init__(self, width: int, *, rank: int = REGULATOR_RANK, n_layers: int = REGULATOR_LAYERS,
+                 gate_hidden: int = GATE_HIDDEN, identity_start: bool = False, norm_mode: str = "row"):
+        super().__init__()
+        if norm_mode not in ("row", "global"):
+            raise ValueError(f"norm_mode must be row or global, not {norm_mode!r}")
+        r = min(rank, width)
+        self.width, self.identity_start, self.norm_mode = width, identity_start, norm_mode
+        self.U = nn.ParameterList([nn.Parameter(torch.zeros(width, r) if identity_start else torch.randn(width, r))
+                                   for _ in range(n_layers)])  # (d, r)
+        self.V = nn.ParameterList([nn.Parameter(torch.randn(r, width)) for _ in range(n_layers)])  # (r, d)
+        self.b = nn.ParameterList([nn.Parameter(torch.zeros(width)) for _ in range(n_layers)])  # (d,)
+        self.gate_net = nn.Sequential(nn.Linear(width, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, 1))
+
+    def transform(self, rows: torch.Tensor) -> torch.Tensor:
+        """T(rows) for rows (N, d) -> (N, d)."""
+        x = rows
+        for i, (U, V, b) in enumerate(zip(self.U, self.V, self.b)):
+            h = x @ V.t() @ U.t() + b  # (N, d)
+            if self.identity_start:  # residual; the last layer's increment is linear
+                x = x + (F.relu(h) if i < len(self.U) - 1 else h)
+            else:  # SUPMER: ReLU after every layer, the last included (so T >= 0)
+                x = F.relu(h)
+        return x
+
+    def gate(self, context: torch.Tensor) -> torch.Tensor:
+        """c (a 0-d tensor) from the context vector (d,)."""
+        return torch.sigmoid(self.gate_net(context.to(self.b[0].dtype))).squeeze(-1)
+
+    def forward(self, grad: torch.Tensor, context: torch.Tensor) -> tuple:
+        """(psi(G, e) with G's shape, the gate c)."""
+        rows = grad.reshape(-1, self.width).to(self.b[0].dtype)  # (N, d)
+        t = self.transform(rows)  # (N, d)
+        dims = (1,) if self.norm_mode == "row" else (0, 1)  # SUPMER: grad_trans.py norm matching, mode 0 / mode 1
+        target, current = rows.norm(dim=dims, keepdim=True), t.norm(dim=dims, keepdim=True)
+        t = t * torch.where(current > 0, target / current.clamp_min(NORM_EPS), torch.zeros_like(current))
+        c = self.gate(context)
+        regulated = rows + (1 - c) * (t - rows)  # = (1 - c) T^ + c G, exactly G where T^ = G or c = 1
+        return regulated.view_as(grad).to(grad.dtype), c
+
+
+class MetaSGDScaling(nn.Module):
+    """Ablation (reconstruction; Meta-SGD, Li et al. 2017, arXiv:1707.09835): psi(G) = softplus(beta) * G per coordinate,
+    beta (the prompt's shape) initialised so that softplus(beta) = 1 (the raw gradient at first). No gate."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.beta = nn.Parameter(torch.full(tuple(shape), math.log(math.e - 1)))
+
+    def forward(self, grad: torch.Tensor, context: torch.Tensor | None = None) -> tuple:
+        return F.softplus(self.beta).to(grad.dtype) * grad, None
+
+
+# GRAM's meta-training tasks from unlabelled image-text pairs (the paper's Cross-Modal Hierarchical Clustering; its
+# details are a reconstruction), episodes, the curriculum and the losses.
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> torch.Tensor:
+    """Cluster ids (N,) of the rows of x (N, E) by Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii
+    2007) from `generator`: deterministic for a seed. k is capped at N."""
+    k = min(k, x.shape[0])
+    centres = x[torch.randint(x.shape[0], (1,), generator=generator)]  # (1, E)
+    for _ in range(1, k):
+        d2 = torch.cdist(x, centres).min(dim=1).values ** 2  # (N,)
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(d2))
+        centres = torch.cat([centres, x[torch.multinomial(probs, 1, generator=generator)]])
+    for _ in range(iterations):
+        ids = torch.cdist(x, centres).argmin(dim=1)  # (N,)
+        new = torch.stack([x[ids == j].mean(0) if (ids == j).any() else centres[j] for j in range(k)])
+        if torch.equal(new, centres):
+            break
+        centres = new
+    return torch.cdist(x, centres).argmin(dim=1)
+
+
+def hierarchical_clusters(text_features: torch.Tensor, image_features: torch.Tensor, *, k_text: int, k_image: int,
+                          min_size: int, seed: int = 0) -> torch.Tensor:
+    """Cross-modal hierarchical clustering (reconstruction): level 1, k-means of the frozen text embeddings (N, E)
+    into concepts; level 2, k-means of the image embeddings inside each concept into visual sub-populations. The
+    leaves are the meta-training domains; a leaf with fewer than `min_size` pairs (a support and a disjoint query
+    set) is dropped. k_image=1 gives the flat fallback (SUPMER: flat clusters per data source). Returns the leaf id
+    of every pair (N,), 0..L-1 in order of first appearance, -1 for dropped pairs. Deterministic for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    concepts = kmeans(F.normalize(text_features.float(), dim=-1), k_text, generator)  # (N,)
+    leaves = torch.full_like(concepts, -1)
+    next_id = 0
+    for concept in torch.unique(concepts).tolist():
+        members = (concepts == concept).nonzero().flatten()
+        sub = kmeans(F.normalize(image_features[members].float(), dim=-1), k_image, generator)
+        for s in torch.unique(sub).tolist():
+            chosen = members[sub == s]
+            if len(chosen) >= min_size:
+                leaves[chosen] = next_id
+                next_id += 1
+    return leaves
+
+
+def leaf_centroids(image_features: torch.Tensor, leaves: torch.Tensor) -> torch.Tensor:
+    """(L, E): the mean L2-normalised image embedding of each leaf (reconstruction: the domain centroid)."""
+    normalised = F.normalize(image_features.float(), dim=-1)
+    return torch.stack([normalised[leaves == j].mean(0) for j in range(int(leaves.max()) + 1)])
+
+
+def sample_episodes(leaves: torch.Tensor, n_tasks: int, batch: int, generator: torch.Generator,
+                    partner_any_leaf: bool = False) -> list:
+    """SUPMER: pretrain/metatask/*.py: n_tasks distinct leaves; per task a support and a disjoint query set of `batch`
+    pairs, both from the task's leaf, and an augmentation query set of `batch` pairs (the mixing partner) from
+    another leaf, drawn uniformly (reconstruction: GRAM simulates a domain shift; partner_any_leaf=True is SUPMER's
+    draw over all leaves, the task's own included). Returns [(support idx, query idx, augmentation idx, leaf,
+    augmentation leaf)], index tensors (batch,)."""
+    n_leaves = int(leaves.max()) + 1
+    if n_leaves < max(n_tasks, 2):
+        raise ValueError(f"{n_leaves} leaves: a meta-batch of {n_tasks} tasks needs at least {max(n_tasks, 2)}")
+    tasks = []
+    for leaf in torch.randperm(n_leaves, generator=generator)[:n_tasks].tolist():
+        members = (leaves == leaf).nonzero().flatten()
+        order = members[torch.randperm(len(members), generator=generator)]
+        if partner_any_leaf:
+            other = int(torch.randint(n_leaves, (1,), generator=generator))
+        else:
+            other = int(torch.randint(n_leaves - 1, (1,), generator=generator))
+            other += int(other >= leaf)  # uniform over the other leaves
+        pool = (leaves == other).nonzero().flatten()
+        augmentation = pool[torch.randperm(len(pool), generator=generator)[:batch]]
+        tasks.append((order[:batch], order[batch:2 * batch], augmentation, leaf, other))
+    return tasks
+
+
+AGREEMENT_BASE = 2.0  # SUPMER: meta.py curriculum, m = 2
+CURRICULUM_EPS = 1e-7  # SUPMER: meta.py, keeps Beta's second parameter positive
+
+
+def curriculum_lambda(agreement: float, generator: torch.Generator) -> float:
+    """SUPMER: lambda ~ Beta(1, kappa), kappa = (m^s - 1) / (m - 1) + 1e-7 with m = 2 and s the running gradient
+    agreement: s = 0 (the start) gives lambda = 1, no mixing; s -> 1 gives Uniform(0, 1), harder query tasks."""
+    kappa = (AGREEMENT_BASE ** agreement - 1) / (AGREEMENT_BASE - 1) + CURRICULUM_EPS
+    # Beta(1, kappa) by inversion of its CDF 1 - (1 - x)^kappa, from the dedicated generator
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    return 1.0 - (1.0 - u) ** (1.0 / kappa)
+
+
+def gradient_agreement(query_grad: torch.Tensor, regulated_grad: torch.Tensor) -> float:
+    """SUPMER: meta.py:149-157: s = (1 + mean over prompt rows of cos(g_q, psi(g_s))) / 2, in [0, 1]."""
+    d = query_grad.shape[-1]
+    cosine = F.cosine_similarity(query_grad.reshape(-1, d), regulated_grad.reshape(-1, d), dim=1)
+    return float((1 + cosine.mean()) / 2)
+
+
+def gate_regularizer(gate: torch.Tensor, domain_similarity: float, agreement: float) -> torch.Tensor:
+    """SUPMER (code only): (d_sim / 2 + s / 2 - c)^2, its only gradient path the gate c."""
+    return (0.5 * domain_similarity + 0.5 * agreement - gate) ** 2
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE (CLIP arXiv:2103.00020v1 Fig. 3) of pre-normalisation features (B, E), (B, E), with
+    the frozen logit scale: (CE(s V W^T, i) + CE(s W V^T, i)) / 2."""
+    v, w = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = scale * v @ w.t()  # (B, B)
+    target = torch.arange(len(v), device=v.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def mixup_contrastive_loss(image_q, text_q, image_a, text_a, lam: float, scale) -> torch.Tensor:
+    """The query loss with the augmentation batch mixed in (SUPMER mixes encoder outputs with a mixed one-hot target;
+    reconstruction: this CLIP form). Mixed features lam * query + (1 - lam) * augmentation, normalised, scored against
+    the 2B candidates of both batches; soft target lam on candidate j, 1 - lam on candidate B + j. lam = 1: InfoNCE
+    on the query batch with B extra negatives."""
+    b = len(image_q)
+    candidates_v = F.normalize(torch.cat([image_q, image_a]), dim=-1)  # (2B, E)
+    candidates_w = F.normalize(torch.cat([text_q, text_a]), dim=-1)  # (2B, E)
+    mixed_v = F.normalize(lam * image_q + (1 - lam) * image_a, dim=-1)  # (B, E)
+    mixed_w = F.normalize(lam * text_q + (1 - lam) * text_a, dim=-1)  # (B, E)
+    target = torch.zeros(b, 2 * b, dtype=image_q.dtype, device=image_q.device)
+    target[torch.arange(b), torch.arange(b)] = lam
+    target[torch.arange(b), b + torch.arange(b)] += 1 - lam
+    text_to_image = -(target * F.log_softmax(scale * mixed_w @ candidates_v.t(), dim=-1)).sum(-1).mean()
+    image_to_text = -(target * F.log_softmax(scale * mixed_v @ candidates_w.t(), dim=-1)).sum(-1).mean()
+    return (text_to_image + image_to_text) / 2
+
+
+def regulated_inner_update(loss_fn, params: dict, regulate, support, *, alpha: float,
+                           second_order: bool = False) -> tuple:
+    """GRAM's inner step (SUPMER: meta.py:105-143): g_s = grad L_s(theta), taken without a graph (first order in theta;
+    `second_order=True`, a reconstruction flag, keeps it), theta' = theta - alpha psi_phi(g_s, e_s); theta' depends on
+    phi through psi, so the outer loss at theta' gives phi its exact gradient and theta the first-order one.
+    `loss_fn(params, batch) -> (loss, {name: context e})`; `regulate(name, grad, context) -> (regulated, gate)`.
+    Returns (theta', {name: psi(g_s)}, {name: gate c}, the support loss)."""
+    loss, contexts = loss_fn(params, support)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
+    regulated, gates = {}, {}
+    for (name, p), g in zip(params.items(), grads, strict=True):
+        regulated[name], gates[name] = regulate(name, g, contexts[name].detach())
+    return {n: p - alpha * regulated[n] for n, p in params.items()}, regulated, gates, loss.detach()

@@ -2251,6 +2251,171 @@ def test_testbed_styles_are_domains_worth_learning_across(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# GRAM (issue #16, part 1): the gradient regulator, the inner step, clustering, episodes, curriculum, losses
+
+
+def regulator(width=8, **kwargs):
+    import meta
+    torch.manual_seed(0)
+    return meta.GradientRegulator(width, **kwargs).double()
+
+
+def test_regulator_gate_open_norms_and_identity_start():
+    """Gate fully open: the raw gradient; gate closed: T^, whose rows keep the raw rows' norms (globally in
+    norm_mode="global"); identity start: the raw gradient exactly, whatever the gate."""
+    g = torch.randn(3, 8, dtype=torch.float64)
+    e = torch.randn(8, dtype=torch.float64)
+    reg = regulator()
+    with torch.no_grad():
+        reg.gate_net[2].bias.fill_(50.0)  # sigmoid(50) = 1 in float64
+        assert torch.equal(reg(g, e)[0], g)
+        reg.gate_net[2].bias.fill_(-50.0)
+        closed, c = reg(g, e)
+        assert float(c) < 1e-20
+        torch.testing.assert_close(closed.norm(dim=1), g.norm(dim=1), rtol=1e-14, atol=0)
+        assert not torch.allclose(closed, g) and (closed >= 0).all()  # SUPMER's T ends in a ReLU
+    glob = regulator(norm_mode="global")
+    with torch.no_grad():
+        glob.gate_net[2].bias.fill_(-50.0)
+        out = glob(g, e)[0]
+        torch.testing.assert_close(out.norm(), g.norm(), rtol=1e-14, atol=0)
+        assert not torch.allclose(out.norm(dim=1), g.norm(dim=1))
+    identity = regulator(identity_start=True)
+    for _ in range(3):
+        assert torch.equal(identity(g, torch.randn(8, dtype=torch.float64))[0], g)
+    with pytest.raises(ValueError, match="norm_mode"):
+        regulator(norm_mode="frobenius")
+
+
+def quadratic_task(seed=0):
+    """theta (3, 8); L_s = 0.5 |A_s theta - y_s|^2, L_q = 0.5 |A_q theta - y_q|^2 (flattened), their gradients and
+    the support Hessian A_s^T A_s by hand."""
+    g = torch.Generator().manual_seed(seed)
+    A_s, A_q = (torch.randn(10, 24, generator=g, dtype=torch.float64) for _ in range(2))
+    y_s, y_q = (torch.randn(10, generator=g, dtype=torch.float64) for _ in range(2))
+    theta = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    context = torch.randn(8, generator=g, dtype=torch.float64)
+    support_loss = lambda p, b: (0.5 * ((A_s @ p["ctx"].flatten() - y_s) ** 2).sum(), {"ctx": context})
+    query_loss = lambda p: 0.5 * ((A_q @ p["ctx"].flatten() - y_q) ** 2).sum()
+    query_grad = lambda th: (A_q.t() @ (A_q @ th.flatten() - y_q)).view(3, 8)
+    return theta, support_loss, query_loss, query_grad, A_s.t() @ A_s
+
+
+@pytest.mark.parametrize("norm_mode", ["row", "global"])
+def test_regulator_meta_gradient_equals_finite_differences(norm_mode):
+    import meta
+    theta, support_loss, query_loss, _, _ = quadratic_task()
+    reg = regulator(norm_mode=norm_mode)
+    params = {"ctx": theta.clone().requires_grad_()}
+
+    def outer():
+        adapted, _, _, _ = meta.regulated_inner_update(support_loss, params, lambda n, g, e: reg(g, e), None,
+                                                       alpha=0.05)
+        return query_loss(adapted)
+    grads = torch.autograd.grad(outer(), list(reg.parameters()))
+
+    def outer_at(p, i, value):  # the outer loss with one regulator weight set to `value`
+        with torch.no_grad():
+            old, p.view(-1)[i] = p.view(-1)[i].item(), value
+        loss = outer().item()
+        with torch.no_grad():
+            p.view(-1)[i] = old
+        return loss
+    for p, g in zip(reg.parameters(), grads, strict=True):  # every regulator tensor, 12 entries each
+        for i in torch.randperm(p.numel(), generator=torch.Generator().manual_seed(1))[:12].tolist():
+            w = p.view(-1)[i].item()
+            fd = (outer_at(p, i, w + 1e-6) - outer_at(p, i, w - 1e-6)) / 2e-6
+            assert fd == pytest.approx(g.view(-1)[i].item(), rel=1e-5, abs=1e-9)
+
+
+def test_initialisation_gradient_first_order_and_second_order_hessian_term():
+    """First order: d outer / d theta is exactly dL_q/dtheta' at theta'. Second order, identity-start regulator
+    (psi = identity near its start, so d psi / dG = I): the extra term is exactly -alpha H_s dL_q/dtheta'."""
+    import meta
+    theta, support_loss, query_loss, query_grad, hessian = quadratic_task()
+    reg, alpha = regulator(identity_start=True), 0.05
+    regulate = lambda n, g, e: reg(g, e)
+    for second_order in (False, True):
+        params = {"ctx": theta.clone().requires_grad_()}
+        adapted, _, _, _ = meta.regulated_inner_update(support_loss, params, regulate, None, alpha=alpha,
+                                                               second_order=second_order)
+        (grad,) = torch.autograd.grad(query_loss(adapted), [params["ctx"]])
+        v = query_grad(adapted["ctx"].detach())
+        if not second_order:
+            torch.testing.assert_close(grad, v, rtol=0, atol=0)
+        else:
+            expected = v - alpha * (hessian @ v.flatten()).view(3, 8)
+            torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_meta_sgd_scaling_starts_at_the_raw_gradient():
+    import meta
+    scaling = meta.MetaSGDScaling((3, 8)).double()
+    g = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(scaling(g)[0], g, rtol=1e-6, atol=0)  # beta stored from float32
+    loss = scaling(g)[0].sum()
+    loss.backward()
+    assert scaling.beta.grad.abs().sum() > 0
+
+
+def test_clustering_is_deterministic_and_episodes_keep_their_leaves():
+    import meta
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 16, generator=g) * 3
+    text = centres.repeat_interleave(80, 0) + 0.1 * torch.randn(480, 16, generator=g)
+    image = text + 0.5 * torch.randn(480, 16, generator=g)
+    leaves = meta.hierarchical_clusters(text, image, k_text=6, k_image=2, min_size=32, seed=3)
+    assert torch.equal(leaves, meta.hierarchical_clusters(text, image, k_text=6, k_image=2, min_size=32, seed=3))
+    kept = leaves[leaves >= 0]
+    assert sorted(torch.unique(kept).tolist()) == list(range(int(kept.max()) + 1))
+    assert all((leaves == j).sum() >= 32 for j in torch.unique(kept).tolist())
+    concept = torch.arange(480) // 80
+    for j in torch.unique(kept).tolist():  # a leaf never mixes two concepts
+        assert len(torch.unique(concept[leaves == j])) == 1
+    flat = meta.hierarchical_clusters(text, image, k_text=6, k_image=1, min_size=2, seed=0)
+    assert len(torch.unique(flat)) == 6
+    episodes = meta.sample_episodes(leaves, 3, 16, torch.Generator().manual_seed(0))
+    assert len({leaf for *_, leaf, _ in episodes}) == 3
+    for support, query, partner, leaf, other in episodes:
+        assert len(support) == len(query) == 16 and not set(support.tolist()) & set(query.tolist())
+        assert (leaves[support] == leaf).all() and (leaves[query] == leaf).all()
+        assert other != leaf and (leaves[partner] == other).all()
+
+
+def test_curriculum_starts_without_mixing_and_ends_uniform():
+    import meta
+    g = torch.Generator().manual_seed(0)
+    start = [meta.curriculum_lambda(0.0, g) for _ in range(2000)]
+    assert min(start) > 0.999
+    end = torch.tensor([meta.curriculum_lambda(1.0, g) for _ in range(4000)])
+    assert abs(float(end.mean()) - 0.5) < 0.02 and abs(float((end < 0.25).float().mean()) - 0.25) < 0.03
+
+
+def test_contrastive_losses_by_hand():
+    import meta
+    g = torch.Generator().manual_seed(0)
+    v, w, va, wa = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(4))
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    nv, nw = torch.nn.functional.normalize(v, dim=-1), torch.nn.functional.normalize(w, dim=-1)
+    logits = scale * nv @ nw.t()
+    hand = -(torch.diag(logits.log_softmax(1)).mean() + torch.diag(logits.log_softmax(0)).mean()) / 2
+    torch.testing.assert_close(meta.contrastive_loss(v, w, scale), hand)
+    lam = 0.3
+    mv = torch.nn.functional.normalize(lam * v + (1 - lam) * va, dim=-1)
+    mw = torch.nn.functional.normalize(lam * w + (1 - lam) * wa, dim=-1)
+    cv = torch.nn.functional.normalize(torch.cat([v, va]), dim=-1)
+    cw = torch.nn.functional.normalize(torch.cat([w, wa]), dim=-1)
+    t2i, i2t = (scale * mw @ cv.t()).log_softmax(1), (scale * mv @ cw.t()).log_softmax(1)
+    hand_mix = -sum(lam * m[j, j] + (1 - lam) * m[j, 4 + j] for m in (t2i, i2t) for j in range(4)) / 8
+    torch.testing.assert_close(meta.mixup_contrastive_loss(v, w, va, wa, lam, scale), hand_mix)
+    agreement = meta.gradient_agreement(v, v)
+    assert agreement == pytest.approx(1.0) and meta.gradient_agreement(v, -v) == pytest.approx(0.0)
+    c = torch.tensor(0.2, requires_grad=True)
+    meta.gate_regularizer(c, 0.6, 0.8).backward()
+    assert c.grad.item() == pytest.approx(-2 * (0.3 + 0.4 - 0.2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The offline testbed (issue #8): the procedural world, the shipped small CLIP, the default run
 
 
