@@ -159,12 +159,13 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, x: torch.Tensor, prompts: torch.Tensor | None = None,
-                deep_prompts: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+                deep_prompts: Sequence[torch.Tensor | None] = (), return_context: bool = False):
         """x (B, 3, R, R) -> image features (B, E), before normalisation.
 
         prompts (M, Dv) or (B, M, Dv): visual prompt tokens appended after [CLS, patches] *after* the positional
         embedding and before `ln_pre` (VPT / IVLP / MaPLe / MetaPrompt). deep_prompts[i - 1] (M, Dv) replaces the
-        last M tokens before block i (ProMetaR `VPT_shallow`)."""
+        last M tokens before block i (ProMetaR `VPT_shallow`). return_context=True also returns the mean of the last
+        block's output tokens over batch and positions (Dv,), before ln_post (GRAM's regulator context)."""
         x = self.conv1(x.to(self.conv1.weight.dtype))  # (B, Dv, G, G)
         x = x.flatten(2).transpose(1, 2)  # (B, G*G, Dv)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, Dv)
@@ -176,7 +177,8 @@ class VisionTransformer(nn.Module):
         if any(p is not None and p.shape[-2] != n_prompts for p in deep_prompts):
             raise ValueError(f"deep visual prompts must have as many tokens as the input prompts ({n_prompts})")
         x = self.transformer(self.ln_pre(x), deep_prompts=deep_prompts, prompt_start=x.shape[1] - n_prompts)
-        return self.ln_post(x[:, 0]) @ self.proj  # (B, E)
+        features = self.ln_post(x[:, 0]) @ self.proj  # (B, E)
+        return (features, x.mean(dim=(0, 1))) if return_context else features
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,9 +224,9 @@ class CLIP(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def encode_image(self, image: torch.Tensor, prompts: torch.Tensor | None = None,
-                     deep_prompts: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
-        """(B, 3, R, R) -> (B, E). Visual prompts: see `VisionTransformer.forward`."""
-        return self.visual(image, prompts=prompts, deep_prompts=deep_prompts)
+                     deep_prompts: Sequence[torch.Tensor | None] = (), return_context: bool = False):
+        """(B, 3, R, R) -> (B, E). Visual prompts and the context: see `VisionTransformer.forward`."""
+        return self.visual(image, prompts=prompts, deep_prompts=deep_prompts, return_context=return_context)
 
     def encode_text(self, text: torch.Tensor, truncate: bool = True) -> torch.Tensor:
         """Token ids (N, L) -> text features (N, E). The end-of-text token has the largest id (openai/CLIP)."""
@@ -232,7 +234,7 @@ class CLIP(nn.Module):
 
     def encode_text_embeddings(self, x: torch.Tensor, eot_idx: torch.Tensor,
                                deep_prompts: Sequence[torch.Tensor | None] = (),
-                               truncate: bool = True) -> torch.Tensor:
+                               truncate: bool = True, return_context: bool = False):
         """Text features from token embeddings (the entry point of CoOp's `TextEncoder`).
 
         Args:
@@ -242,7 +244,9 @@ class CLIP(nn.Module):
                 start-of-text token) before block i (IVLP / MaPLe / PromptSRC / ProMetaR / MetaPrompt).
             truncate: drop the positions after the longest end-of-text token of the batch. Exact under the
                 causal mask (no position attends to later ones); several times faster for short prompts.
-        Returns: (N, E) features, before normalisation.
+            return_context: also return the mean of the final hidden states (after ln_final) over the positions up
+                to each sequence's end-of-text token and over the sequences, (D,) (GRAM's regulator context).
+        Returns: (N, E) features, before normalisation (and the context).
         """
         N, L, _ = x.shape
         eot_idx = eot_idx.to(device=x.device, dtype=torch.long)
@@ -257,7 +261,11 @@ class CLIP(nn.Module):
         x = x + self.positional_embedding[:x.shape[1]].to(x.dtype)  # (N, L', D)
         x = self.transformer(x, causal=True, deep_prompts=deep_prompts, prompt_start=1)  # (N, L', D)
         x = self.ln_final(x)
-        return x[torch.arange(N, device=x.device), eot_idx] @ self.text_projection  # (N, E)
+        features = x[torch.arange(N, device=x.device), eot_idx] @ self.text_projection  # (N, E)
+        if not return_context:
+            return features
+        valid = (torch.arange(x.shape[1], device=x.device)[None, :] <= eot_idx[:, None]).to(x.dtype)  # (N, L')
+        return features, ((x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)).mean(0)  # (D,)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor):
         """Returns (logits_per_image (B, N), logits_per_text (N, B)) as openai/CLIP."""

@@ -40,6 +40,7 @@ few-shot sampling, multi-view (K_TRANSFORMS) loading, unlabelled/target-domain l
 Shape legend: B images in a batch, H = W = image size.
 """
 import argparse
+import csv
 import gzip
 import hashlib
 import json
@@ -919,6 +920,48 @@ def benchmark_loader(items, size=IMAGE_SIZE, batch_size=TRAIN_BATCH_SIZE, num_wo
             if n_images >= n_batches * batch_size:
                 break
     return n_images / (time.perf_counter() - start)
+
+
+# --- image-text pairs (GRAM's meta-training data) in open_clip's CSV convention ----------------------------------
+class Pair(NamedTuple):
+    """One image-caption pair: absolute image path, caption."""
+
+    impath: str
+    caption: str
+
+
+CSV_IMG_KEY, CSV_CAPTION_KEY, CSV_SEPARATOR = "filepath", "title", "\t"  # open_clip's --csv-* defaults
+
+
+def read_pairs(path, img_key=CSV_IMG_KEY, caption_key=CSV_CAPTION_KEY, separator=CSV_SEPARATOR) -> list:
+    """Image-caption pairs from a CSV in open_clip's convention (mlfoundations/open_clip training/data.py
+    `CsvDataset`: columns --csv-img-key / --csv-caption-key, separator --csv-separator, a tab by default). Image paths
+    are read as given (relative to the working directory) or, failing that, relative to the CSV's folder. Each
+    problem is one DataError naming the row and the fix: a missing file or column, a missing image, an empty
+    caption."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"pairs file {path} not found; write one with: python testbed.py pairs DIR (or pass "
+                        "--pairs with a CSV of image paths and captions)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=separator)
+        columns = reader.fieldnames or []
+        if img_key not in columns or caption_key not in columns:
+            raise DataError(f"{path} has columns {', '.join(columns) or '(none)'}; pass --csv-img-key and "
+                            f"--csv-caption-key naming its image and caption columns (now {img_key!r} and "
+                            f"{caption_key!r}), and --csv-separator if it is not a tab")
+        pairs = []
+        for row_number, row in enumerate(reader, start=2):  # line 1 is the header
+            image, caption = (row.get(img_key) or "").strip(), (row.get(caption_key) or "").strip()
+            if not caption:
+                raise DataError(f"{path} line {row_number}: empty caption; give every image a caption or drop the row")
+            candidates = [Path(image).expanduser(), path.parent / image]
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
+                raise DataError(f"{path} line {row_number}: image {image} not found (also not under {path.parent}); "
+                                "fix the path or drop the row")
+            pairs.append(Pair(str(found.resolve()), caption))
+    return pairs
 
 
 # --- metrics (Dassl evaluator.py Classification; CoCoOp base-to-new harmonic mean) -------------------------------

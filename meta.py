@@ -455,10 +455,40 @@ def regulated_inner_update(loss_fn, params: dict, regulate, support, *, alpha: f
     `second_order=True`, a reconstruction flag, keeps it), theta' = theta - alpha psi_phi(g_s, e_s); theta' depends on
     phi through psi, so the outer loss at theta' gives phi its exact gradient and theta the first-order one.
     `loss_fn(params, batch) -> (loss, {name: context e})`; `regulate(name, grad, context) -> (regulated, gate)`.
-    Returns (theta', {name: psi(g_s)}, {name: gate c}, the support loss)."""
+    Returns (theta', {name: psi(g_s)}, {name: gate c}, the support loss, {name: context})."""
     loss, contexts = loss_fn(params, support)
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
     regulated, gates = {}, {}
+    contexts = {name: contexts[name].detach() for name in params}
     for (name, p), g in zip(params.items(), grads, strict=True):
-        regulated[name], gates[name] = regulate(name, g, contexts[name].detach())
-    return {n: p - alpha * regulated[n] for n, p in params.items()}, regulated, gates, loss.detach()
+        regulated[name], gates[name] = regulate(name, g, contexts[name])
+    return {n: p - alpha * regulated[n] for n, p in params.items()}, regulated, gates, loss.detach(), contexts
+
+
+class RegulatorBank(nn.Module):
+    """The regulators of a prompt learner: one GradientRegulator per encoder width group (reconstruction: one per
+    modality, shared by that modality's prompt tensors, e.g. IVLP's text context and deep text prompts; `group_of`
+    maps a parameter name to its group), or, kind="meta_sgd", one MetaSGDScaling per prompt tensor.
+    Call: bank(name, grad, context) -> (psi(grad), gate or None); bank.gate(name, context) -> c."""
+
+    def __init__(self, shapes: dict, group_of, *, kind: str = "supmer", norm_mode: str = "row"):
+        super().__init__()
+        if kind not in ("supmer", "identity", "meta_sgd"):
+            raise ValueError(f"regulator kind must be supmer, identity or meta_sgd, not {kind!r}")
+        self.kind, self.group_of = kind, group_of
+        if kind == "meta_sgd":
+            self.regulators = nn.ModuleDict({self.key(n): MetaSGDScaling(shape) for n, shape in shapes.items()})
+        else:
+            widths = {group_of(n): shape[-1] for n, shape in shapes.items()}
+            self.regulators = nn.ModuleDict({g: GradientRegulator(w, identity_start=kind == "identity",
+                                                                  norm_mode=norm_mode) for g, w in widths.items()})
+
+    def key(self, name: str) -> str:
+        return name.replace(".", "_") if self.kind == "meta_sgd" else self.group_of(name)
+
+    def forward(self, name: str, grad: torch.Tensor, context: torch.Tensor) -> tuple:
+        return self.regulators[self.key(name)](grad, context)
+
+    def gate(self, name: str, context: torch.Tensor):
+        regulator = self.regulators[self.key(name)]
+        return regulator.gate(context) if isinstance(regulator, GradientRegulator) else None

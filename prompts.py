@@ -65,11 +65,31 @@ class PromptedOutput(NamedTuple):
     logits: torch.Tensor  # (B, C) CLIP logits of the normalised features
     image_features: torch.Tensor  # (B, E) before normalisation (ProMetaR's manifold mixup mixes these)
     text_features: torch.Tensor  # (C, E) normalised
+    contexts: dict | None = None  # {"text": (D,), "vision": (Dv,)} when asked for (GRAM's regulator contexts)
 
 
-def prompted_output(clip, image_features: torch.Tensor, text_features: torch.Tensor) -> PromptedOutput:
+class PairOutput(NamedTuple):
+    """A learner's encoding of image-caption pairs (GRAM's meta-training): both feature sets before normalisation."""
+
+    image_features: torch.Tensor  # (B, E)
+    text_features: torch.Tensor  # (B, E) of the prompted captions
+    contexts: dict  # {"text": (D,), "vision": (Dv,)}: mean final hidden states of each prompted encoder
+
+
+def modality(name: str) -> str:
+    """Which encoder a prompt parameter belongs to: "vision" (vision_ctx, vision_deep_prompts.*) or "text"."""
+    return "vision" if name.startswith("vision") else "text"
+
+
+def caption_prompts(clip, captions, n_ctx: int, prompt_prefix: str | None = None) -> "TextPrompts":
+    """The prompted-caption side of GRAM's meta-training: "[SOS] ctx caption [EOS]" (reconstruction), captions cut to
+    the context length with the end-of-text token kept (CLIP's tokenizer truncation)."""
+    return TextPrompts(clip, captions, n_ctx, prompt_prefix, truncate=True, template="{prefix} {name}")
+
+
+def prompted_output(clip, image_features: torch.Tensor, text_features: torch.Tensor, contexts=None) -> PromptedOutput:
     logits = clip_logits(clip, F.normalize(image_features, dim=-1), text_features)  # (B, C)
-    return PromptedOutput(logits, image_features, text_features)
+    return PromptedOutput(logits, image_features, text_features, contexts)
 
 
 def clip_logits(clip, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -109,12 +129,13 @@ class TextPrompts(nn.Module):
     context (CoOp coop.py `token_prefix` / `token_suffix`), cut after the longest end-of-text token (exact under the
     causal mask, see `clip_model.CLIP.encode_text_embeddings`)."""
 
-    def __init__(self, clip, classnames, n_ctx: int, prompt_prefix: str | None = None):
+    def __init__(self, clip, classnames, n_ctx: int, prompt_prefix: str | None = None, truncate: bool = False,
+                 template: str = "{prefix} {name}."):
         super().__init__()
         names = [clean_classname(c) for c in classnames]
         prompt_prefix = prompt_prefix or " ".join(["X"] * n_ctx)  # words after the first n_ctx stay fixed
-        tokenized = clip_model.tokenize([f"{prompt_prefix} {name}." for name in names],
-                                        context_length=clip.context_length)  # (C, L)
+        tokenized = clip_model.tokenize([template.format(prefix=prompt_prefix, name=name) for name in names],
+                                        context_length=clip.context_length, truncate=truncate)  # (C, L)
         tokenized = tokenized.to(clip.positional_embedding.device)
         self.n_ctx = n_ctx
         self.register_buffer("eot_idx", tokenized.argmax(-1), persistent=False)  # (C,)
@@ -171,12 +192,25 @@ class CoOp(nn.Module):
             ctx = torch.randn(shape, device=clip.positional_embedding.device) * PROMPT_INIT_STD
         self.ctx = nn.Parameter(ctx)  # (M, D) or (C, M, D)
         self.text = TextPrompts(clip, classnames, self.ctx.shape[-2], ctx_init)
+        self.text_prefix = ctx_init  # the words in the context's place when other text (captions) is prompted
 
     def encode_text(self) -> torch.Tensor:
         x = self.text.assemble(self.ctx, self.class_token_position)  # (C, L', D)
         return F.normalize(self.clip.encode_text_embeddings(x, self.text.eot_idx), dim=-1)  # (C, E)
 
-    def forward(self, images: torch.Tensor) -> PromptedOutput:
+    def forward(self, images: torch.Tensor, captions: "TextPrompts | None" = None, with_context: bool = False):
+        """PromptedOutput over the learner's classes; with `captions` (caption_prompts of the batch) the PairOutput of
+        the image-caption pairs instead; with_context=True adds the text encoder's context (GRAM)."""
+        if captions is not None or with_context:
+            if self.ctx.dim() == 3:
+                raise ValueError("GRAM needs a shared context: class-specific CoOp contexts cannot prompt captions")
+            text = captions if captions is not None else self.text
+            x = text.assemble(self.ctx, self.class_token_position if captions is None else "end")  # (N, L', D)
+            text_features, context = self.clip.encode_text_embeddings(x, text.eot_idx, return_context=True)
+            if captions is not None:
+                return PairOutput(self.clip.encode_image(images), text_features, {"text": context})
+            return prompted_output(self.clip, self.clip.encode_image(images), F.normalize(text_features, dim=-1),
+                                   {"text": context})
         return prompted_output(self.clip, self.clip.encode_image(images), self.encode_text())
 
 
@@ -211,18 +245,35 @@ class IVLP(nn.Module):
         self.vision_deep_prompts = deep_prompt_list(vision_depth - 1 if n_ctx_vision else 0, n_ctx_vision,
                                                     vision_width, device)
         self.text = TextPrompts(clip, classnames, n_ctx_text, ctx_init)
+        self.text_prefix = ctx_init  # the words in the context's place when other text (captions) is prompted
 
-    def encode_text(self) -> torch.Tensor:
-        x = self.text.assemble(self.ctx)  # (C, L', D)
-        features = self.clip.encode_text_embeddings(x, self.text.eot_idx, deep_prompts=list(self.text_deep_prompts))
-        return F.normalize(features, dim=-1)  # (C, E)
+    def encode_text(self, text: "TextPrompts | None" = None, return_context: bool = False):
+        """Prompted text features (C, E), normalised, of the class prompts (or of `text`, e.g. captions)."""
+        text = text if text is not None else self.text
+        x = text.assemble(self.ctx)  # (C, L', D)
+        out = self.clip.encode_text_embeddings(x, text.eot_idx, deep_prompts=list(self.text_deep_prompts),
+                                               return_context=return_context)
+        return (F.normalize(out[0], dim=-1), out[1]) if return_context else F.normalize(out, dim=-1)  # (C, E)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Prompted image features (B, E), before normalisation."""
-        return self.clip.encode_image(images, prompts=self.vision_ctx, deep_prompts=list(self.vision_deep_prompts))
+    def encode_image(self, images: torch.Tensor, return_context: bool = False):
+        """Prompted image features (B, E), before normalisation (and the vision context)."""
+        return self.clip.encode_image(images, prompts=self.vision_ctx, deep_prompts=list(self.vision_deep_prompts),
+                                      return_context=return_context)
 
-    def forward(self, images: torch.Tensor) -> PromptedOutput:
-        return prompted_output(self.clip, self.encode_image(images), self.encode_text())
+    def forward(self, images: torch.Tensor, captions: "TextPrompts | None" = None, with_context: bool = False):
+        """PromptedOutput over the learner's classes; with `captions` the PairOutput of the image-caption pairs (text
+        features before normalisation); with_context=True adds both encoders' contexts (GRAM)."""
+        if captions is None and not with_context:
+            return prompted_output(self.clip, self.encode_image(images), self.encode_text())
+        image_features, vision_context = self.encode_image(images, return_context=True)
+        text = captions if captions is not None else self.text
+        x = text.assemble(self.ctx)  # (N, L', D)
+        text_features, text_context = self.clip.encode_text_embeddings(
+            x, text.eot_idx, deep_prompts=list(self.text_deep_prompts), return_context=True)
+        contexts = {"text": text_context, "vision": vision_context}
+        if captions is not None:
+            return PairOutput(image_features, text_features, contexts)
+        return prompted_output(self.clip, image_features, F.normalize(text_features, dim=-1), contexts)
 
 
 class MetaPrompt(nn.Module):

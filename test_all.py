@@ -2287,6 +2287,24 @@ def test_regulator_gate_open_norms_and_identity_start():
         regulator(norm_mode="frobenius")
 
 
+def test_regulator_transform_by_hand():
+    """T written out with random weights: SUPMER's ReLU(U2 V2 ReLU(U1 V1 x + b1) + b2); the identity-start form
+    x1 = x + ReLU(U1 V1 x + b1), x2 = x1 + U2 V2 x1 + b2."""
+    x = torch.randn(5, 8, dtype=torch.float64)
+    for identity in (False, True):
+        reg = regulator(identity_start=identity)
+        with torch.no_grad():
+            for p in reg.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+            (U1, U2), (V1, V2), (b1, b2) = reg.U, reg.V, reg.b
+            if identity:
+                x1 = x + torch.relu(x @ V1.t() @ U1.t() + b1)
+                expected = x1 + x1 @ V2.t() @ U2.t() + b2
+            else:
+                expected = torch.relu(torch.relu(x @ V1.t() @ U1.t() + b1) @ V2.t() @ U2.t() + b2)
+            torch.testing.assert_close(reg.transform(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def quadratic_task(seed=0):
     """theta (3, 8); L_s = 0.5 |A_s theta - y_s|^2, L_q = 0.5 |A_q theta - y_q|^2 (flattened), their gradients and
     the support Hessian A_s^T A_s by hand."""
@@ -2309,7 +2327,7 @@ def test_regulator_meta_gradient_equals_finite_differences(norm_mode):
     params = {"ctx": theta.clone().requires_grad_()}
 
     def outer():
-        adapted, _, _, _ = meta.regulated_inner_update(support_loss, params, lambda n, g, e: reg(g, e), None,
+        adapted, *_ = meta.regulated_inner_update(support_loss, params, lambda n, g, e: reg(g, e), None,
                                                        alpha=0.05)
         return query_loss(adapted)
     grads = torch.autograd.grad(outer(), list(reg.parameters()))
@@ -2337,7 +2355,7 @@ def test_initialisation_gradient_first_order_and_second_order_hessian_term():
     regulate = lambda n, g, e: reg(g, e)
     for second_order in (False, True):
         params = {"ctx": theta.clone().requires_grad_()}
-        adapted, _, _, _ = meta.regulated_inner_update(support_loss, params, regulate, None, alpha=alpha,
+        adapted, *_ = meta.regulated_inner_update(support_loss, params, regulate, None, alpha=alpha,
                                                                second_order=second_order)
         (grad,) = torch.autograd.grad(query_loss(adapted), [params["ctx"]])
         v = query_grad(adapted["ctx"].detach())
@@ -2413,6 +2431,141 @@ def test_contrastive_losses_by_hand():
     c = torch.tensor(0.2, requires_grad=True)
     meta.gate_regularizer(c, 0.6, 0.8).backward()
     assert c.grad.item() == pytest.approx(-2 * (0.3 + 0.4 - 0.2))
+
+
+@pytest.fixture(scope="module")
+def gram_pairs(harness):
+    """200 image-caption pairs of the testbed's pretraining distribution, drawn for the tests."""
+    return testbed.write_pairs(harness / "pairs", 200, seed=5)
+
+
+def gram_args(harness, pairs, out, *extra):
+    import train
+    return train.parse_args(["--method", "gram", "--pairs", str(pairs), "--backbone", str(harness / "tiny.pt"),
+                             "--base", "coop", "--n-ctx", "4", "--gram-steps", "4", "--gram-checkpoint-every", "2",
+                             "--gram-tasks", "2", "--gram-batch", "4", "--gram-k-text", "4", "--gram-k-image", "1",
+                             "--output-dir", str(out), "--no-progress", *extra])
+
+
+def test_gram_pipeline_meta_train_resume_and_plug_in(harness, gram_pairs, tmp_path, monkeypatch):
+    """Meta-train GRAM on pairs (tiny CLIP), resume an interrupted run to the same file, then few-shot CoOp from the
+    file: its prompts start at GRAM's initialisation, its gradients pass through the frozen regulators, results name
+    the file."""
+    import train
+    train.run(gram_args(harness, gram_pairs, tmp_path / "gram"))
+    gram = torch.load(tmp_path / "gram" / "gram.pt", weights_only=True)
+    assert set(gram) == {"prompts", "regulators", "config"} and gram["config"]["shapes"] == {"ctx": [4, 64]}
+    log = [json.loads(line) for line in (tmp_path / "gram" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3] and all(math.isfinite(r["outer"]) for r in log)
+    assert log[0]["lam"] > 0.999  # the curriculum starts without mixing
+    save = train.save_atomic
+
+    def killed_after_first_checkpoint(obj, path):
+        save(obj, path)
+        if str(path).endswith("checkpoint.pt"):
+            raise KeyboardInterrupt  # after step 2 of 4
+    monkeypatch.setattr(train, "save_atomic", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(gram_args(harness, gram_pairs, tmp_path / "cut"))
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(train, "save_atomic", save)
+    train.run(gram_args(harness, gram_pairs, tmp_path / "cut", "--resume"))
+    resumed = torch.load(tmp_path / "cut" / "gram.pt", weights_only=True)
+    for key in ("prompts", "regulators"):
+        assert all(torch.equal(gram[key][k], resumed[key][k]) for k in gram[key]), key
+    calls = []
+    real_regulate = train.meta.RegulatorBank.forward
+
+    def counting(self, name, grad, context):
+        calls.append(name)
+        return real_regulate(self, name, grad, context)
+    monkeypatch.setattr(train.meta.RegulatorBank, "forward", counting)
+    run_train(harness, tmp_path / "coop", "--method", "coop", "--n-ctx", "4", "--epochs", "0", "--gram",
+              str(tmp_path / "gram" / "gram.pt"))
+    start = torch.load(tmp_path / "coop" / "prompts.pt", weights_only=True)["prompts"]
+    assert torch.equal(start["ctx"], gram["prompts"]["ctx"])  # 0 epochs: the initialisation itself
+    run_train(harness, tmp_path / "coop2", "--method", "coop", "--n-ctx", "4", "--epochs", "1", "--gram",
+              str(tmp_path / "gram" / "gram.pt"))
+    results = json.loads((tmp_path / "coop2" / "results.json").read_text())
+    assert calls and set(calls) == {"ctx"} and results["config"]["gram"] == str(tmp_path / "gram" / "gram.pt")
+    assert results["config"]["gram_sha256"] == clip_model.sha256_of(tmp_path / "gram" / "gram.pt")
+
+
+def test_gram_regulated_downstream_step_by_hand(tiny):
+    """sgd_step with GRAM's regulators: the SGD step uses psi(g, e), e the text encoder's context of the class
+    prompts, computed here by hand from CLIP's hidden states."""
+    import meta
+    import train
+    torch.manual_seed(0)
+    clip = clip_model.build_model(tiny.state_dict()).double()
+    args = train.parse_args(["--method", "coop", "--dataset", "synthetic", "--n-ctx", "4", "--lr", "0.1"])
+    learner = train.learner_for(args, clip, "synthetic", CLASSNAMES).double()
+    bank = meta.RegulatorBank({"ctx": learner.ctx.shape}, prompts.modality).double()
+    images, labels = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    ctx0 = learner.ctx.detach().clone()
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(learner(images).logits, labels), [learner.ctx])
+    x = learner.text.assemble(learner.ctx)  # the context by hand: mean hidden state up to each end-of-text token
+    h = clip.transformer(x[:, :int(learner.text.eot_idx.max()) + 1] + clip.positional_embedding[:x.shape[1]],
+                         causal=True)
+    h = clip.ln_final(h)
+    context = torch.stack([h[i, :int(learner.text.eot_idx[i]) + 1].mean(0) for i in range(len(CLASSNAMES))]).mean(0)
+    with torch.no_grad():
+        regulated = bank("ctx", grad, context)[0]
+    optimizer, _ = train.build_optimizers(args, prompts.prompt_parameters(learner), None)
+    train.sgd_step(args, learner, None, optimizer, torch.amp.GradScaler(enabled=False), images, labels, "cpu", bank)
+    expected = hand_sgd(ctx0, regulated, None, 0.1, MOM, WD)[0]
+    torch.testing.assert_close(learner.ctx.detach(), expected, rtol=1e-10, atol=1e-13)
+    assert not torch.allclose(expected, hand_sgd(ctx0, grad, None, 0.1, MOM, WD)[0])  # the regulator matters
+
+
+def write_pairs_csv(path, rows, header=("filepath", "title")):
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    return path
+
+
+def test_gram_bad_input_is_one_line(harness, gram_pairs, tmp_path):
+    import train
+    good = data.read_pairs(gram_pairs)
+    image = good[0].impath
+    cases = [
+        (write_pairs_csv(tmp_path / "cols.csv", [(image, "a red circle")], header=("image", "caption")),
+         "has columns image, caption; pass --csv-img-key and --csv-caption-key"),
+        (write_pairs_csv(tmp_path / "missing.csv", [(image, "a red circle"), ("nowhere.png", "a cat")]),
+         "missing.csv line 3: image nowhere.png not found"),
+        (write_pairs_csv(tmp_path / "empty.csv", [(image, "a red circle"), (image, "  ")]),
+         "empty.csv line 3: empty caption"),
+        (write_pairs_csv(tmp_path / "few.csv", [(image, "a red circle")] * 5),
+         "few.csv holds 5 pairs; one meta-batch needs at least 24"),
+    ]
+    for path, message in cases:
+        with pytest.raises(data.DataError) as error:
+            train.run(gram_args(harness, path, tmp_path / "out"))
+        assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    rows = [(p.impath, p.caption) for p in good[:40]] + [(str(broken), "a broken image")]
+    with pytest.raises(data.DataError, match="cannot read image .*broken.png"):
+        train.run(gram_args(harness, write_pairs_csv(tmp_path / "broken.csv", rows), tmp_path / "out"))
+    result = run_cli("train.py", "--method", "gram", "--pairs", tmp_path / "nothing.csv", home=tmp_path)
+    assert_one_line_error(result, "pairs file", "nothing.csv not found; write one with: python testbed.py pairs DIR")
+
+
+def test_gram_file_for_another_shape_or_backbone_is_refused(harness, gram_pairs, tmp_path):
+    import train
+    train.run(gram_args(harness, gram_pairs, tmp_path / "gram", "--gram-steps", "1"))
+    path = str(tmp_path / "gram" / "gram.pt")
+    with pytest.raises(clip_model.CheckpointError, match=r"holds prompts \{'ctx': \[4, 64\]\}, this learner "
+                                                         r"\{'ctx': \[8, 64\]\}"):
+        run_train(harness, tmp_path / "a", "--method", "coop", "--n-ctx", "8", "--epochs", "1", "--gram", path)
+    with pytest.raises(clip_model.CheckpointError, match="was meta-trained for --method coop, not ivlp"):
+        run_train(harness, tmp_path / "b", "--method", "ivlp", "--epochs", "1", "--gram", path)
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    torch.save(clip_model.CLIP(**clip_model.tiny_config()).state_dict(), other)
+    args = train.parse_args(["--dataset", "synthetic", "--root", str(harness / "data"), "--backbone", str(other),
+                             "--method", "coop", "--n-ctx", "4", "--gram", path])
+    with pytest.raises(clip_model.CheckpointError, match="was meta-trained with the backbone .*tiny.pt, not "):
+        train.check_inputs(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

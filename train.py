@@ -19,9 +19,11 @@ Not included: GRAM (its own issue), CoCoOp and MaPLe, multi-GPU.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,12 +56,13 @@ METAPROMPT_DG_DEFAULTS = {"epochs": 6, "batch_size": 32, "n_ctx_text": 4, "n_ctx
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization", "multi_source_dg")
 METAPROMPT_RELEASED_FLAGS = ("metaprompt_inner_optimizer", "metaprompt_frozen_drift", "metaprompt_aliased_restore",
                              "metaprompt_raw_frozen_names", "metaprompt_domain_range")
-METHODS = (*prompts.METHODS, "prometar")
+METHODS = (*prompts.METHODS, "prometar", "gram")
 # The offline testbed (issue #8; `--dataset world`, the default): the shipped small CLIP (3 layers, so prompt depth
 # 3), tiny images (no loader workers), and learning rates for its logit scale (~18, not 100: see testbed.py).
 TESTBED_CHECKPOINT = str(testbed.CHECKPOINT)
 # Every method gets the same budget there: 8 epochs of batch 4 at lr 0.002 (ProMetaR: 86 s on 2 CPU cores), and
 # CoOp 4 context vectors (its 16 do not fit the testbed's 16-token context).
+GRAM_STEPS = 2000  # reconstruction: SUPMER runs 100k on T5; the testbed's pairs need far fewer
 TESTBED_DATASETS = ("world", "world_styles")  # written by testbed.py, trained with the shipped small CLIP
 TESTBED_DEFAULTS = {"backbone": TESTBED_CHECKPOINT, "text_depth": 3, "vision_depth": 3, "num_workers": 0,
                     "epochs": 8, "batch_size": 4, "lr": 0.002, "n_ctx": 4}
@@ -107,7 +110,9 @@ def parse_args(argv=None):
                    "both modalities)")
     p.add_argument("--vision-depth", type=int, default=None, help="IVLP vision prompt depth (PromptSRC: 9)")
     # ProMetaR (released code: mlvlab/ProMetaR trainers/prometar.py, train.py:99-106)
-    p.add_argument("--base", default="ivlp", choices=["ivlp", "coop"], help="ProMetaR's prompt model (paper: IVLP)")
+    p.add_argument("--base", default=None, choices=["ivlp", "coop"],
+                   help="the prompt model ProMetaR (default ivlp, the paper's) or GRAM's meta-training (default coop) "
+                        "works on")
     p.add_argument("--meta-inner-lr", type=float, default=5e-4, help="alpha of the inner step (ADAPT_LR 5e-4)")
     p.add_argument("--meta-outer-scale", type=float, default=5e-4, help="scale of the outer loss (LR_RATIO 5e-4)")
     p.add_argument("--first-order", action="store_true", help="drop the second-order terms of the meta-gradient")
@@ -143,6 +148,38 @@ def parse_args(argv=None):
                         "miss a batch; --no-...: each domain present once")
     p.add_argument("--metaprompt-clean", action="store_true",
                    help="MetaPrompt as the paper describes it: all five released behaviours above off")
+    # GRAM (no released code: meta-training form from the same group's SUPMER, beepkh/SUPMER, see meta.py)
+    p.add_argument("--pairs", default=None, help="GRAM meta-training: image-caption pairs, a CSV in open_clip's "
+                   "convention (python testbed.py pairs DIR writes one)")
+    p.add_argument("--csv-img-key", default=data.CSV_IMG_KEY, help="open_clip's --csv-img-key (filepath)")
+    p.add_argument("--csv-caption-key", default=data.CSV_CAPTION_KEY, help="open_clip's --csv-caption-key (title)")
+    p.add_argument("--csv-separator", default=data.CSV_SEPARATOR, help="open_clip's --csv-separator (a tab)")
+    p.add_argument("--gram", default=None, help="downstream: a gram.pt written by --method gram; CoOp / IVLP start "
+                   "from its prompts and pass every prompt gradient through its frozen regulators")
+    p.add_argument("--gram-steps", type=int, default=GRAM_STEPS, help="outer steps of meta-training")
+    p.add_argument("--gram-checkpoint-every", type=int, default=100, help="outer steps between atomic checkpoints")
+    p.add_argument("--gram-tasks", type=int, default=4, help="tasks per meta-batch (SUPMER: 4)")
+    p.add_argument("--gram-batch", type=int, default=16, help="pairs in a support / query set (SUPMER: 16)")
+    p.add_argument("--gram-alpha", type=float, default=0.002, help="inner step size (reconstruction: CoOp's lr)")
+    p.add_argument("--gram-prompt-lr", type=float, default=1e-3, help="Adam lr of the prompt initialisation "
+                   "(reconstruction; SUPMER's 0.1 is T5-scale)")
+    p.add_argument("--gram-regulator-lr", type=float, default=1e-4, help="Adam lr of the regulators (SUPMER: 1e-4)")
+    p.add_argument("--gram-clip", type=float, default=1.0, help="gradient-norm clip of prompts and regulators, "
+                   "separately (SUPMER: 1)")
+    p.add_argument("--gram-k-text", type=int, default=100, help="level-1 (caption) clusters (reconstruction)")
+    p.add_argument("--gram-k-image", type=int, default=4, help="level-2 (image) clusters per concept; 1: flat "
+                   "clustering (reconstruction)")
+    p.add_argument("--gram-regulator", default="supmer", choices=["supmer", "identity", "meta_sgd"],
+                   help="SUPMER's regulator, its identity-start variant, or Meta-SGD scaling (ablations)")
+    p.add_argument("--gram-norm-mode", default="row", choices=["row", "global"],
+                   help="norm matching per prompt row (SUPMER meta-training) or of the whole gradient (SUPMER's "
+                        "downstream config)")
+    p.add_argument("--gram-second-order", action="store_true", help="keep the graph of the inner gradient "
+                   "(reconstruction flag; SUPMER is first order in the prompt)")
+    p.add_argument("--gram-gate-regularizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="SUPMER's (code-only) gate regularizer (d_sim / 2 + s / 2 - c)^2")
+    p.add_argument("--gram-partner-any-leaf", action="store_true",
+                   help="SUPMER's mixing partner from any leaf, the task's own included (default: another leaf)")
     p.add_argument("--num-workers", type=int, default=None, help=f"loader processes ({data.NUM_WORKERS})")
     p.add_argument("--output-dir", default=None, help="default: output/<protocol>/<dataset>/<method>/shots_K/seed_S")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
@@ -163,8 +200,11 @@ def parse_args(argv=None):
     # unset flags: the testbed's values on its datasets, else the method's official config for the protocol, else
     # the general ones
     dg_config = METAPROMPT_DG_DEFAULTS if args.method == "metaprompt" and args.protocol == "multi_source_dg" else {}
-    defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[args.method], **dg_config,
-                **(TESTBED_DEFAULTS if args.dataset in TESTBED_DATASETS else {}),
+    args.base = args.base or ("coop" if args.method == "gram" else "ivlp")
+    method = args.base if args.method == "gram" else args.method  # GRAM meta-trains its base's prompts
+    on_testbed = args.dataset in TESTBED_DATASETS and (args.method != "gram" or args.backbone is None)
+    defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[method], **dg_config,
+                **(TESTBED_DEFAULTS if on_testbed else {}),
                 **(TESTBED_DG_DEFAULTS if args.dataset == "world_styles" else {})}
     for key, value in defaults.items():
         if getattr(args, key) in (None, ""):
@@ -176,6 +216,14 @@ def parse_args(argv=None):
     if args.metaprompt_clean:
         for flag in METAPROMPT_RELEASED_FLAGS:
             setattr(args, flag, False)
+    if args.method == "gram" and not args.pairs:
+        p.error("--method gram meta-trains on image-caption pairs: pass --pairs PAIRS.csv "
+                "(python testbed.py pairs DIR writes one)")
+    if args.gram and args.method not in ("coop", "ivlp"):
+        p.error(f"--gram plugs into --method coop or ivlp, not {args.method}")
+    if args.method == "gram":
+        args.output_dir = args.output_dir or os.path.join("output", "gram", Path(args.pairs).stem, args.base,
+                                                          f"seed_{args.seed}")
     args.output_dir = args.output_dir or os.path.join(
         "output", args.protocol, args.dataset, args.method, f"shots_{args.shots}", f"seed_{args.seed}",
         *([str(args.target_domain)] if args.protocol == "multi_source_dg" and args.target_domain else []))
@@ -186,6 +234,12 @@ def check_inputs(args):
     """Every check that needs no download and no model, run before the backbone is loaded or fetched: the datasets
     (name, root, folders, the files their readers need, shots, target domain), the backbone name or file, the
     checkpoint to evaluate. Raises data.DataError / clip_model.CheckpointError with one line."""
+    check_backbone(args.backbone)
+    if args.method == "gram":  # meta-training reads pairs, no dataset
+        data.read_pairs(args.pairs, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        return
+    if args.gram:
+        args.gram_sha256 = read_gram_file(args.gram, args)["sha256"]
     if args.dataset in TESTBED_DATASETS:  # the offline testbed is made, not downloaded
         testbed.ensure_dataset(args.dataset, args.root)
     domains = data.get_spec(args.dataset).domains
@@ -200,14 +254,60 @@ def check_inputs(args):
     for name, dataset, _, target in evaluation_targets(args):
         if dataset != args.dataset:  # cross-dataset / DG evaluation sets are read, never downloaded
             data.check_request(dataset, args.root, args.shots, False, target)
-    backbone = str(args.backbone)
+    if args.eval_only:
+        prompts.read_checkpoint(args.checkpoint, args.method)
+
+
+def check_backbone(backbone):
+    """A CLIP model name or an existing file; the shipped testbed file must match its SHA256."""
+    backbone = str(backbone)
     if backbone not in clip_model.MODELS and not Path(backbone).expanduser().is_file():
         raise clip_model.CheckpointError(f"--backbone {backbone} is neither a CLIP model name "
                                          f"({', '.join(clip_model.MODELS)}) nor an existing checkpoint file")
     if os.path.abspath(backbone) == TESTBED_CHECKPOINT:  # the shipped file must be the one that was pretrained
         testbed.check_checkpoint(TESTBED_CHECKPOINT)
-    if args.eval_only:
-        prompts.read_checkpoint(args.checkpoint, args.method)
+
+
+def backbone_fingerprint(backbone) -> str:
+    """What identifies a backbone across machines: a model name, or the SHA256 of a checkpoint file."""
+    return str(backbone) if str(backbone) in clip_model.MODELS else clip_model.sha256_of(Path(backbone).expanduser())
+
+
+def read_gram_file(path, args) -> dict:
+    """A gram.pt written by --method gram, checked against this run (one line each): the file itself, the prompt
+    model it was meta-trained for, the backbone, the prompt shapes. Returns it with its "sha256"."""
+    if not Path(path).is_file():
+        raise clip_model.CheckpointError(f"--gram {path} does not exist; meta-train one with --method gram --pairs ...")
+    try:
+        gram = torch.load(path, map_location="cpu", weights_only=True)
+    except (*clip_model.UNREADABLE_FILE_ERRORS, OSError):
+        raise clip_model.CheckpointError(f"--gram {path} is not a file written by --method gram") from None
+    if not isinstance(gram, dict) or not {"prompts", "regulators", "config"} <= set(gram):
+        raise clip_model.CheckpointError(f"--gram {path} is not a file written by --method gram")
+    config = gram["config"]
+    if config["base"] != args.method:
+        raise clip_model.CheckpointError(f"--gram {path} was meta-trained for --method {config['base']}, not "
+                                         f"{args.method}; use it with --method {config['base']}")
+    if config["backbone_fingerprint"] != backbone_fingerprint(args.backbone):
+        raise clip_model.CheckpointError(f"--gram {path} was meta-trained with the backbone {config['backbone']}, "
+                                         f"not {args.backbone}; pass --backbone {config['backbone']}")
+    return {**gram, "sha256": clip_model.sha256_of(path)}
+
+
+def apply_gram(args, learner):
+    """Start `learner` from the GRAM initialisation and return its frozen regulators (None without --gram)."""
+    if not args.gram:
+        return None
+    gram = read_gram_file(args.gram, args)
+    expected = {k: list(v.shape) for k, v in prompts.prompt_parameters(learner).items()}
+    if gram["config"]["shapes"] != expected:
+        raise clip_model.CheckpointError(f"--gram {args.gram} holds prompts {gram['config']['shapes']}, this "
+                                         f"learner {expected}; use the same prompt flags (--n-ctx, --n-ctx-text, "
+                                         "--n-ctx-vision, --text-depth, --vision-depth) as its meta-training")
+    prompts.load_prompts(learner, gram["prompts"])
+    regulators = gram_regulators(args, learner, kind=gram["config"]["kind"], norm_mode=gram["config"]["norm_mode"])
+    regulators.load_state_dict(gram["regulators"])
+    return regulators.requires_grad_(False).eval()
 
 
 def seed_everything(seed: int):
@@ -256,9 +356,10 @@ def train_loader(args, items, size: int, epoch: int):
                              crop_scale=testbed.WORLD_CROP_SCALE if args.dataset == "world" else data.RRC_SCALE)
 
 
-def training_losses(args, learner, teacher, images, labels) -> dict:
-    """CE on CLIP logits (CoOp Eq. 3); PromptSRC adds its L1 consistency and KL terms (PromptSRC Eq. 2-4)."""
-    out = learner(images)
+def training_losses(args, learner, teacher, images, labels, with_context=False) -> tuple:
+    """CE on CLIP logits (CoOp Eq. 3); PromptSRC adds its L1 consistency and KL terms (PromptSRC Eq. 2-4). Returns
+    (losses, logits, the encoders' contexts or None)."""
+    out = learner(images, with_context=True) if with_context else learner(images)
     losses = {"loss_ce": F.cross_entropy(out.logits, labels)}
     if teacher is not None:
         frozen_image = teacher.image_features(images)  # (B, E)
@@ -266,15 +367,24 @@ def training_losses(args, learner, teacher, images, labels) -> dict:
         losses["loss_reg_text"] = TEXT_LOSS_WEIGHT * prompts.consistency_l1(out.text_features, teacher.text_features)
         losses["loss_reg_image"] = IMAGE_LOSS_WEIGHT * prompts.consistency_l1(image_features, frozen_image)
         losses["loss_kl"] = prompts.kl_to_zero_shot(out.logits, teacher.logits(frozen_image))
-    return losses, out.logits
+    return losses, out.logits, out.contexts
 
 
-def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device):
-    """One ordinary step on the training loss (CoOp, IVLP, PromptSRC), fp16 autocast on CUDA."""
+def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device, regulators=None):
+    """One ordinary step on the training loss (CoOp, IVLP, PromptSRC), fp16 autocast on CUDA. With GRAM's frozen
+    `regulators`, every prompt gradient is replaced by psi(g, e) after the backward and before the step (SUPMER:
+    model/trainer.py:829-836), e the batch's context of the prompt's encoder."""
     with torch.autocast(device_type=device, enabled=device == "cuda"):
-        losses, logits = training_losses(args, learner, teacher, images, labels)
+        losses, logits, contexts = training_losses(args, learner, teacher, images, labels,
+                                                   with_context=regulators is not None)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(sum(losses.values())).backward()
+    if regulators is not None:
+        scaler.unscale_(optimizer)
+        with torch.no_grad():
+            for name, p in prompts.prompt_parameters(learner).items():
+                if p.grad is not None:
+                    p.grad = regulators(name, p.grad, contexts[prompts.modality(name)])[0]
     scaler.step(optimizer)
     scaler.update()
     return losses, logits
@@ -469,6 +579,7 @@ def main(args):
         if args.method == "promptsrc" else None
     gate = meta.GradientModulator({k: v.shape for k, v in params.items()}, args.dim_rate).to(device) \
         if args.method == "prometar" else None
+    regulators = apply_gram(args, learner)  # --gram: GRAM's initialisation and frozen regulators
     optimizer, gate_optimizer = build_optimizers(args, params, gate)
     scaler = torch.amp.GradScaler(enabled=device == "cuda")  # fp16 autocast on CUDA, fp32 master prompts
     ckpt_path, start_epoch, snapshots = os.path.join(args.output_dir, "checkpoint.pt"), 0, []
@@ -502,7 +613,8 @@ def main(args):
             elif args.method == "metaprompt":
                 losses, logits = metaprompt_step(args, learner, optimizer, images, labels, batch["domain"].to(device))
             else:
-                losses, logits = sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device)
+                losses, logits = sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device,
+                                          regulators)
             accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
             bar.set_postfix(loss=f"{sum(losses.values()).item():.4f}", acc=f"{accuracy:.1f}", lr=f"{lr:.2e}")
             tick = log_iteration(log, epoch, iteration, losses, accuracy, lr, tick)
@@ -526,34 +638,218 @@ def main(args):
           + f"; results in {os.path.join(args.output_dir, 'results.json')}")
 
 
-def open_log(path, start_epoch):
+def open_log(path, start_epoch, key="epoch"):
     """The per-iteration log, `log.jsonl`, opened for appending. A fresh run starts it empty; a resumed run keeps
     the lines of the epochs its checkpoint holds and drops those of the interrupted epoch, which runs again, so
-    every iteration appears exactly once."""
+    every iteration appears exactly once (GRAM: key="step", the steps its checkpoint holds)."""
     kept = []
     if start_epoch > 0 and os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["epoch"] < start_epoch]
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)[key] < start_epoch]
     with open(f"{path}.tmp", "w") as f:
         f.writelines(kept)
     os.replace(f"{path}.tmp", path)
     return open(path, "a")
 
 
-def log_iteration(log, epoch, iteration, losses, accuracy, lr, tick) -> float:
+def log_iteration(log, epoch, iteration, losses, accuracy, lr, tick, key="iteration") -> float:
     """One JSON line: epoch, iteration within it, every loss term, training accuracy (%), lr, wall seconds since the
-    previous line (batch loading included). Flushed at once, so an interrupted run loses no finished line."""
+    previous line (batch loading included). Flushed at once, so an interrupted run loses no finished line. GRAM:
+    key="step" and no epoch or accuracy."""
     now = time.perf_counter()
-    record = {"epoch": epoch, "iteration": iteration, **{k: v.item() for k, v in losses.items()},
-              "accuracy": accuracy, "lr": lr, "seconds": round(now - tick, 4)}
+    position = {"epoch": epoch, "iteration": iteration} if key == "iteration" else {"step": iteration}
+    record = {**position, **{k: v.item() for k, v in losses.items()},
+              **({"accuracy": accuracy} if key == "iteration" else {}), "lr": lr, "seconds": round(now - tick, 4)}
     log.write(json.dumps(record) + "\n")
     log.flush()
     return now
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# GRAM meta-training on image-caption pairs (arXiv:2303.06571v2; the form of SUPMER's released meta-training, see
+# meta.py for which choice comes from where)
+
+def gram_learner(args, clip):
+    """The prompt model GRAM meta-trains (CoOp's context or IVLP's prompts), built for a stand-in class name: in
+    meta-training the captions take the class name's place."""
+    return prompts.build_learner(args.base, clip, ["object"], ["a photo of a {}."], n_ctx=args.n_ctx,
+                                 ctx_init=args.ctx_init, n_ctx_text=args.n_ctx_text, n_ctx_vision=args.n_ctx_vision,
+                                 text_depth=args.text_depth, vision_depth=args.vision_depth)
+
+
+def gram_regulators(args, learner, kind=None, norm_mode=None) -> meta.RegulatorBank:
+    shapes = {k: v.shape for k, v in prompts.prompt_parameters(learner).items()}
+    return meta.RegulatorBank(shapes, prompts.modality, kind=kind or args.gram_regulator,
+                              norm_mode=norm_mode or args.gram_norm_mode).to(learner.clip.logit_scale.device)
+
+
+def pair_loss(learner, params, batch) -> tuple:
+    """CLIP's symmetric InfoNCE of a batch of pairs through the prompts `params` (reconstruction: GRAM's task loss),
+    and each prompt's regulator context (the mean final hidden state of its prompted encoder)."""
+    images, captions = batch
+    out = torch.func.functional_call(learner, params, (images,), {"captions": captions})
+    loss = meta.contrastive_loss(out.image_features, out.text_features, learner.clip.logit_scale.exp())
+    return loss, {name: out.contexts[prompts.modality(name)] for name in params}
+
+
+def pair_batch(learner, pairs, index, transform, device) -> tuple:
+    """(images (B, 3, R, R), prompted captions) of the pairs `index`."""
+    images = torch.stack([transform(data.read_image(pairs[i].impath)) for i in index.tolist()]).to(device)
+    captions = prompts.caption_prompts(learner.clip, [pairs[i].caption for i in index.tolist()],
+                                       learner.ctx.shape[-2], learner.text_prefix)
+    return images, captions
+
+
+def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement, generator, first):
+    """One meta-training step (SUPMER: model/meta.py:77-212) over a meta-batch of tasks (support, query, partner,
+    domain similarity): per task the regulated inner step (meta.regulated_inner_update), the curriculum's mixup
+    weight, the mixup InfoNCE of the query and partner batches at the adapted prompts, whose backward gives the
+    prompts their first-order and the regulators their exact gradient; the support/query gradient agreement s;
+    the gate regularizer; then both gradients clipped separately, both Adam steps, and the agreement's running mean.
+    Returns (losses, new agreement)."""
+    params = prompts.prompt_parameters(learner)
+    optimizer.zero_grad(set_to_none=True)
+    regulator_optimizer.zero_grad(set_to_none=True)
+    n, sims, logged = len(tasks), [], {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0}
+    scale = learner.clip.logit_scale.exp()
+    for support, query, partner, domain_similarity in tasks:
+        adapted, regulated, gates, support_loss, contexts = meta.regulated_inner_update(
+            lambda p, b: pair_loss(learner, p, b), params, regulators, support, alpha=args.gram_alpha,
+            second_order=args.gram_second_order)
+        lam = meta.curriculum_lambda(agreement, generator)
+        q = torch.func.functional_call(learner, adapted, (query[0],), {"captions": query[1]})
+        a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
+        outer = meta.mixup_contrastive_loss(q.image_features, q.text_features, a.image_features, a.text_features,
+                                            lam, scale)
+        before = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+        (outer / n).backward()
+        s_tau = statistics.fmean(meta.gradient_agreement((p.grad - before[k]) * n, regulated[k].detach())
+                                 for k, p in params.items())
+        groups = {regulators.key(k): k for k in params}  # one gate per regulator
+        if args.gram_gate_regularizer and args.gram_regulator != "meta_sgd":
+            terms = [meta.gate_regularizer(regulators.gate(k, contexts[k]), domain_similarity, s_tau)
+                     for k in groups.values()]
+            (sum(terms) / n).backward()  # its only gradient path is the gate
+        sims.append(s_tau)
+        gate_values = [float(gates[k].detach()) for k in groups.values() if gates[k] is not None]
+        for key, value in (("support", float(support_loss)), ("outer", float(outer.detach())), ("lam", lam),
+                           ("gate", statistics.fmean(gate_values) if gate_values else 0.0)):
+            logged[key] += value / n
+    torch.nn.utils.clip_grad_norm_(list(params.values()), args.gram_clip)
+    torch.nn.utils.clip_grad_norm_(list(regulators.parameters()), args.gram_clip)
+    optimizer.step()
+    regulator_optimizer.step()
+    mean_sim = statistics.fmean(sims)
+    agreement = mean_sim if first else 0.5 * agreement + 0.5 * mean_sim  # SUPMER: meta.py:205-210
+    return {**{k: torch.tensor(v) for k, v in logged.items()}, "agreement": torch.tensor(agreement)}, agreement
+
+
+def gram_task_tree(args, clip, pairs, device) -> tuple:
+    """The leaves of the cross-modal hierarchical clustering of the pairs' frozen CLIP embeddings, and their centroids;
+    cached next to the CSV (the cache is keyed by the CSV's SHA256, the backbone and the clustering settings)."""
+    key = hashlib.sha256(f"{clip_model.sha256_of(args.pairs)} {args.backbone} {args.gram_k_text} {args.gram_k_image} "
+                         f"{2 * args.gram_batch} {args.seed}".encode()).hexdigest()[:16]
+    cache = Path(args.pairs).with_name(f"{Path(args.pairs).name}.gram-tree-{key}.pt")
+    if cache.exists():
+        tree = torch.load(cache, weights_only=True)
+        return tree["leaves"], tree["centroids"]
+    transform = data.build_transform(False, clip.visual.input_resolution)
+    image_features, text_features = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), data.TEST_BATCH_SIZE):
+            chunk = pairs[start:start + data.TEST_BATCH_SIZE]
+            images = torch.stack([transform(data.read_image(p.impath)) for p in chunk]).to(device)
+            text = clip_model.tokenize([p.caption for p in chunk], context_length=clip.context_length, truncate=True)
+            image_features.append(clip.encode_image(images).cpu())
+            text_features.append(clip.encode_text(text.to(device)).cpu())
+    image_features, text_features = torch.cat(image_features), torch.cat(text_features)
+    leaves = meta.hierarchical_clusters(text_features, image_features, k_text=args.gram_k_text,
+                                        k_image=args.gram_k_image, min_size=2 * args.gram_batch, seed=args.seed)
+    if int(leaves.max()) + 1 < max(args.gram_tasks, 2):
+        raise data.DataError(f"{args.pairs}: {len(pairs)} pairs give {int(leaves.max()) + 1} clusters of at least "
+                             f"{2 * args.gram_batch} pairs, fewer than a meta-batch of {args.gram_tasks} tasks needs; "
+                             "add pairs, or lower --gram-k-text / --gram-k-image / --gram-batch / --gram-tasks")
+    centroids = meta.leaf_centroids(image_features, leaves)
+    save_atomic({"leaves": leaves, "centroids": centroids}, cache)
+    return leaves, centroids
+
+
+def meta_train_gram(args):
+    """`--method gram`: meta-train a prompt initialisation and its gradient regulators on image-caption pairs, with
+    atomic checkpoints every --gram-checkpoint-every steps, `--resume`, log.jsonl, and <output-dir>/gram.pt at the end."""
+    start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
+    check_inputs(args)
+    pairs = data.read_pairs(args.pairs, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    if len(pairs) < 2 * args.gram_batch * (args.gram_tasks + 1):
+        raise data.DataError(f"{args.pairs} holds {len(pairs)} pairs; one meta-batch needs at least "
+                             f"{2 * args.gram_batch * (args.gram_tasks + 1)} (--gram-tasks {args.gram_tasks} leaves "
+                             f"of 2 x --gram-batch {args.gram_batch}, and partners)")
+    seed_everything(args.seed)
+    clip = clip_model.load(args.backbone, device=device)
+    learner = gram_learner(args, clip)
+    regulators = gram_regulators(args, learner)
+    params = prompts.prompt_parameters(learner)
+    optimizer = torch.optim.Adam(params.values(), lr=args.gram_prompt_lr, weight_decay=0.0)
+    regulator_optimizer = torch.optim.Adam(regulators.parameters(), lr=args.gram_regulator_lr, weight_decay=0.0)
+    leaves, centroids = gram_task_tree(args, clip, pairs, device)
+    generator = torch.Generator().manual_seed(args.seed)  # leaves, partners, curriculum: one dedicated stream
+    transform = data.build_transform(False, clip.visual.input_resolution)
+    ckpt_path, start_step, agreement = os.path.join(args.output_dir, "checkpoint.pt"), 0, 0.0
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        prompts.load_prompts(learner, ckpt["prompts"])
+        regulators.load_state_dict(ckpt["regulators"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        regulator_optimizer.load_state_dict(ckpt["regulator_optimizer"])
+        start_step, agreement = ckpt["step"], ckpt["agreement"]
+        generator.set_state(ckpt["generator"])
+    log = open_log(os.path.join(args.output_dir, "log.jsonl"), start_step, key="step")
+    bar = progress(range(start_step, args.gram_steps), "GRAM meta-training", args.no_progress)
+    tick = time.perf_counter()
+    for step in bar:
+        decay = 1 - step / args.gram_steps  # SUPMER: linear decay to 0, no warm-up
+        for opt, lr in ((optimizer, args.gram_prompt_lr), (regulator_optimizer, args.gram_regulator_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * decay
+        tasks = []
+        for support, query, partner, leaf, other in meta.sample_episodes(leaves, args.gram_tasks, args.gram_batch,
+                                                                        generator, args.gram_partner_any_leaf):
+            similarity = float((1 + F.cosine_similarity(centroids[leaf], centroids[other], dim=0)) / 2)
+            tasks.append(tuple(pair_batch(learner, pairs, idx, transform, device) for idx in (support, query, partner))
+                         + (similarity,))
+        losses, agreement = gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement,
+                                      generator, first=step == 0)
+        bar.set_postfix(outer=f"{float(losses['outer']):.3f}", s=f"{agreement:.3f}")
+        tick = log_iteration(log, 0, step, losses, 0.0, args.gram_prompt_lr * decay, tick, key="step")
+        if (step + 1) % args.gram_checkpoint_every == 0 or step + 1 == args.gram_steps:
+            save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "regulators": regulators.state_dict(),
+                         "optimizer": optimizer.state_dict(), "regulator_optimizer": regulator_optimizer.state_dict(),
+                         "step": step + 1, "agreement": agreement, "generator": generator.get_state(),
+                         "config": vars(args)}, ckpt_path)
+    log.close()
+    save_atomic(gram_file(args, learner, regulators), os.path.join(args.output_dir, "gram.pt"))
+    print(f"GRAM meta-trained {args.gram_steps} steps in {time.time() - start_time:.0f} s; "
+          f"wrote {os.path.join(args.output_dir, 'gram.pt')}")
+
+
+def gram_file(args, learner, regulators) -> dict:
+    """What downstream training needs: the prompt initialisation, the regulators and how to rebuild them."""
+    params = prompts.prompt_parameters(learner)
+    return {"prompts": {k: v.detach().cpu() for k, v in params.items()},
+            "regulators": {k: v.cpu() for k, v in regulators.state_dict().items()},
+            "config": {"base": args.base, "backbone": str(args.backbone), "kind": args.gram_regulator,
+                       "backbone_fingerprint": backbone_fingerprint(args.backbone),
+                       "norm_mode": args.gram_norm_mode, "shapes": {k: list(v.shape) for k, v in params.items()},
+                       "ctx_init": args.ctx_init, "pairs": str(args.pairs), "steps": args.gram_steps,
+                       "seed": args.seed}}
+
+
 def run(args):
     """main(args), or for `--target-domain all` main once per target domain of the DG suite (in <output-dir>/<target>)
     and then <output-dir>/results.json with the accuracy per target and their average (MetaPrompt's DG tables)."""
+    if args.method == "gram":
+        return meta_train_gram(args)
     if args.protocol != "multi_source_dg" or args.target_domain != "all":
         return main(args)
     check_inputs(args)
