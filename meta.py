@@ -1,4 +1,4 @@
-"""ProMetaR's meta-regularization, hand-written as pure functions over parameter dictionaries.
+"""Meta-learning steps hand-written as pure functions over parameter dictionaries: ProMetaR, MetaPrompt, GRAM.
 
 Paper: Park, Ko, Kim, "Prompt Learning via Meta-Regularization", CVPR 2024, arXiv:2404.00851v1, Sec. 3 (the
 learnable regularizer, i.e. gradient modulation; the bilevel meta-learning of prompts and regularizer; task
@@ -14,7 +14,10 @@ returns {"task": L, "reg": R} (other entries are ignored). The bilevel step is e
 Second order by default; `first_order=True` detaches the inner gradients, which drops exactly the second-order
 terms (the gate's dependence on phi is kept, so phi still learns). No `.data` writes, no deep copies.
 Also here: MetaPrompt's domain-split meta update (arXiv:2212.04196v2, TIP 2024), first order as released, with the
-released code's behaviours as flags: `domain_split_update`, `class_halves`, `domain_splits`, `sgd_momentum_step`.
+released code's behaviours as flags: `domain_split_update`, `class_halves`, `domain_splits`, `sgd_momentum_step`;
+and GRAM's pieces (arXiv:2303.06571v2, no released code; forms from the same group's SUPMER): the gradient regulator,
+the regulated inner step, the cross-modal hierarchical clustering of image-text pairs, episodes, the curriculum, the
+contrastive losses.
 Not included: several inner steps or several virtual tasks per iteration (the released code uses one of each);
 the released code's fp16 prompts (ours are float32; use autocast on CUDA).
 

@@ -15,7 +15,9 @@ in `--protocol multi_source_dg`, which `--target-domain all` runs for every held
 behaviours are flags, `--metaprompt-clean` turns them all off.
 Every input that needs no download (datasets, folders, shots, target domain, backbone, checkpoint) is checked before
 the backbone is loaded (`check_inputs`); each run folder gets `log.jsonl`, one JSON line per iteration.
-Not included: GRAM (its own issue), CoCoOp and MaPLe, multi-GPU.
+GRAM (arXiv:2303.06571v2; no released code, its form from SUPMER's): `--method gram --pairs PAIRS.csv` meta-trains a
+prompt initialisation and gradient regulators on image-caption pairs; `--method coop|ivlp --gram FILE` uses them.
+Not included: CoCoOp and MaPLe, multi-GPU.
 """
 
 import argparse
