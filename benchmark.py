@@ -14,6 +14,11 @@ testbed with the shipped small CLIP and each method's testbed defaults from trai
 on `world` (base / new / HM, mean ± std over the seeds), and leave-one-style-out multi-source DG on `world_styles`
 with 1 and 5 shots per class and source style (accuracy per held-out style and the average). The README's testbed
 tables come from this command; a run whose results.json exists is not run again, so an interrupted call resumes.
+
+`python benchmark.py gram` writes 10,000 image-caption pairs of the testbed's pretraining distribution, meta-trains
+GRAM on them for CoOp and for IVLP (GRAM_TESTBED_STEPS each), then trains CoOp and IVLP with and without the GRAM file
+at 1, 4 and 16 shots (base-to-new on `world`) and at 1 and 5 shots (DG on `world_styles`), for seeds 1, 2, 3, and
+prints the two tables (methods named coop+gram, ivlp+gram). Resumable like `testbed`.
 """
 
 import argparse
@@ -24,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,6 +37,7 @@ import clip_model
 import eval as evaluation
 import meta
 import prompts
+import testbed
 import train
 
 VIT_B16 = {"embed_dim": 512, "image_resolution": 224, "vision_layers": 12, "vision_width": 768,
@@ -103,9 +110,57 @@ def run_testbed(seeds, root: str, output: str, dg_shots=DG_SHOTS) -> str:
             + evaluation.dg_table(evaluation.collect_dg(f"{output}/multi_source_dg")))
 
 
+GRAM_TESTBED_STEPS = {"coop": 1000, "ivlp": 400}  # outer steps: each meta-training within 10 minutes on 2 cores
+GRAM_TESTBED_CLUSTERS = ("--gram-k-text", "24", "--gram-k-image", "2")  # 10,000 pairs of 24 base combinations
+GRAM_SHOTS = {"base2new": (1, 4, 16), "multi_source_dg": (1, 5)}
+
+
+def run_gram_testbed(seeds, root: str, output: str) -> str:
+    """GRAM on the testbed: meta-train on pairs, then CoOp / IVLP with and without the file, both protocols."""
+    pairs = os.path.join(root, "pairs", "pairs.csv")
+    if not os.path.exists(pairs):
+        testbed.write_pairs(os.path.join(root, "pairs"), 10_000)
+    files = {}
+    for base, steps in GRAM_TESTBED_STEPS.items():
+        out = f"{output}/gram/{base}"
+        files[base] = f"{out}/gram.pt"
+        if not os.path.exists(files[base]):
+            train.run(train.parse_args(["--method", "gram", "--pairs", pairs, "--base", base, "--gram-steps",
+                                        str(steps), *GRAM_TESTBED_CLUSTERS, "--output-dir", out, "--no-progress"]))
+    for base in GRAM_TESTBED_STEPS:
+        for with_gram in (False, True):
+            name = f"{base}+gram" if with_gram else base
+            extra = ["--gram", files[base]] if with_gram else []
+            runs = [(["--dataset", "world", "--shots", str(k)], f"{output}/base2new/world/{name}/shots_{k}")
+                    for k in GRAM_SHOTS["base2new"]]
+            runs += [(["--dataset", "world_styles", "--target-domain", "all", "--shots", str(k)],
+                      f"{output}/multi_source_dg/world_styles/{name}/shots_{k}") for k in GRAM_SHOTS["multi_source_dg"]]
+            for args, folder in runs:
+                for seed in seeds:
+                    out = f"{folder}/seed_{seed}"
+                    if not os.path.exists(f"{out}/results.json"):
+                        train.run(train.parse_args(["--method", base, "--seed", str(seed), "--root", root, *args,
+                                                    *extra, "--output-dir", out, "--no-progress"]))
+    return (gram_base2new_table(f"{output}/base2new") + "\n\n"
+            + evaluation.dg_table(evaluation.collect_dg(f"{output}/multi_source_dg")))
+
+
+def gram_base2new_table(output: str) -> str:
+    """Base-to-new per method and shots: base / new / HM, mean ± std over seeds."""
+    lines = ["| method | shots | seeds | base | new | HM |", "|---|---|---|---|---|---|"]
+    for folder in sorted(Path(output, "world").glob("*/shots_*")):
+        results = [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*/results.json"))]
+        if not results:
+            continue
+        (base, base_sd), (new, new_sd) = (evaluation.seed_mean(results, s) for s in ("base", "new"))
+        lines.append(f"| {folder.parent.name} | {folder.name.split('_')[1]} | {len(results)} | {base:.2f} ± "
+                     f"{base_sd:.2f} | {new:.2f} ± {new_sd:.2f} | {evaluation.data.harmonic_mean(base, new):.2f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=[*CASES, "testbed"])
+    parser.add_argument("what", choices=[*CASES, "testbed", "gram"])
     parser.add_argument("--case", choices=[c for cases in CASES.values() for c in cases],
                         help="run one case in this process (used internally)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -116,6 +171,9 @@ def main():
     args = parser.parse_args()
     if args.what == "testbed":
         print(run_testbed(args.seeds, args.root, args.output, args.dg_shots))
+        return
+    if args.what == "gram":
+        print(run_gram_testbed(args.seeds, args.root, args.output))
         return
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats)))

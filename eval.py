@@ -77,14 +77,15 @@ def collect(output: Path) -> dict:
 
 def collect_dg(output: Path) -> dict:
     """{(method, dataset, shots): {seed: {target: accuracy}}} from the per-target results of multi-source DG runs,
-    <output>/<dataset>/<method>/shots_K/seed_S/<target>/results.json (what `--target-domain all` writes)."""
+    <output>/<dataset>/<method>/shots_K/seed_S/<target>/results.json (what `--target-domain all` writes); method and
+    dataset are the folder names (so variants such as coop+gram get rows of their own)."""
     runs = {}
     for path in sorted(Path(output).glob("*/*/shots_*/seed_*/*/results.json")):
         result = json.loads(path.read_text())
         config = result.get("config", {})
         if config.get("protocol") != "multi_source_dg":
             continue
-        key = (config["method"], config["dataset"], config["shots"])
+        key = (path.parts[-5], path.parts[-6], config["shots"])  # method and dataset as the tree names them
         runs.setdefault(key, {}).setdefault(config["seed"], {})[config["target_domain"]] = \
             result["splits"]["test"]["accuracy"]
     return runs

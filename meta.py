@@ -1,6 +1,6 @@
 """Meta-learning steps hand-written as pure functions over parameter dictionaries: ProMetaR, MetaPrompt, GRAM.
 
-Paper: Park, Ko, Kim, "Prompt Learning via Meta-Regularization", CVPR 2024, arXiv:2404.00851v1, Sec. 3 (the
+ProMetaR: Park, Ko, Kim, "Prompt Learning via Meta-Regularization", CVPR 2024, arXiv:2404.00851v1, Sec. 3 (the
 learnable regularizer, i.e. gradient modulation; the bilevel meta-learning of prompts and regularizer; task
 augmentation by manifold mixup). The paper body was not available to us, so functions cite the official code,
 mlvlab/ProMetaR @ c907bdb (`trainers/prometar.py`, `meta_learning/maml.py`), by file and line.
