@@ -32,8 +32,9 @@ Deliberate differences from CoOp:
     absolute paths), at the same place: <dataset folder>/split_fewshot/shot_{K}-seed_{S}.json
     (DG suites: <target domain>_shot_{K}-seed_{S}.json; MetaPrompt prefixes the target's index).
   * Test-only datasets (ImageNet-V2/-Sketch/-A/-R) return an empty train list (CoOp sets train = test).
-Also here: a small synthetic dataset for tests (`make_synthetic_dataset`). The offline testbed's world is read like
-any CoOp dataset (`world`); it is written by testbed.py.
+Also here: small synthetic datasets for tests (`make_synthetic_dataset`; `make_synthetic_dg_dataset`, three domains);
+image-caption pairs in open_clip's CSV convention (`read_pairs`, GRAM's meta-training data). The offline testbed's
+world and its styles are read like any CoOp dataset or DG suite (`world`, `world_styles`); testbed.py writes them.
 Not included: Dassl's other transforms (colour jitter, Gaussian noise, ...), the `repeat` option of
 few-shot sampling, multi-view (K_TRANSFORMS) loading, unlabelled/target-domain loaders.
 

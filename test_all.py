@@ -2597,7 +2597,7 @@ def test_testbed_world_cli_writes_the_same_bytes_as_before(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "testbed.py"), "world", str(tmp_path)],
                            check=False, capture_output=True, text=True)
     assert again.returncode == 1 and again.stderr.strip() == \
-        f"error: {tmp_path / 'world'} already exists; delete it to write the world again"
+        f"error: {tmp_path / 'world'} already exists; delete it to write it again"
 
 
 def test_world_generator_is_deterministic(tmp_path):

@@ -163,6 +163,13 @@ def world_caption(attrs, rng):
     return template.format(**attrs), mentioned
 
 
+def refuse_existing(folder: Path):
+    """A dataset is written once: never over an existing folder (create its parent otherwise)."""
+    if folder.exists():
+        raise FileExistsError(f"{folder} already exists; delete it to write it again")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+
+
 def make_world_dataset(root, seed=WORLD_SEED, per_class=WORLD_SPLIT, washout=WORLD_WASHOUT):
     """Write the downstream task in CoOp's layout: `<root>/world/images/<colour>_<shape>/*.png` and
     `split_zhou_World.json` (48 classes, base first; entries [relpath, label, class name]); deterministic for a
@@ -170,7 +177,7 @@ def make_world_dataset(root, seed=WORLD_SEED, per_class=WORLD_SPLIT, washout=WOR
     half-made world behind. Returns the class names in label order."""
     rng = random.Random(seed)
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    refuse_existing(root / "world")
     with tempfile.TemporaryDirectory(dir=root, prefix=".world-") as tmp:
         folder = Path(tmp) / "world"
         splits = {"train": [], "val": [], "test": []}
@@ -184,8 +191,6 @@ def make_world_dataset(root, seed=WORLD_SEED, per_class=WORLD_SPLIT, washout=WOR
                 splits[split].append([relpath, label, f"{colour} {shape}"])
         # CoOp's split format, indented as Dassl's write_json (atomic: the whole folder is renamed below)
         (folder / "split_zhou_World.json").write_text(json.dumps(splits, indent=4, separators=(",", ": ")))
-        if (root / "world").exists():
-            raise FileExistsError(f"{root / 'world'} already exists; delete it to write the world again")
         os.replace(folder, root / "world")
     return [f"{c} {s}" for c, s in world_classes()]
 
@@ -195,7 +200,7 @@ def make_styles_dataset(root, seed=WORLD_SEED, per_class=STYLES_SPLIT):
     *.png`, the 48 classes in every style of WORLD_STYLES; each style from its own seeded stream (seed * 100 + its
     index), deterministic. Built under a temporary name and renamed at the end."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    refuse_existing(root / "world_styles")
     with tempfile.TemporaryDirectory(dir=root, prefix=".world_styles-") as tmp:
         folder = Path(tmp) / "world_styles"
         for index, (style, options) in enumerate(WORLD_STYLES.items()):
@@ -206,8 +211,6 @@ def make_styles_dataset(root, seed=WORLD_SEED, per_class=STYLES_SPLIT):
                     path = folder / style / split / f"{colour}_{shape}" / f"{i:03d}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     render_world_image(sample_world_attributes(rng, colour, shape), rng, **options).save(path)
-        if (root / "world_styles").exists():
-            raise FileExistsError(f"{root / 'world_styles'} already exists; delete it to write the styles again")
         os.replace(folder, root / "world_styles")
     return list(WORLD_STYLES)
 
@@ -437,14 +440,10 @@ def main(argv=None):
     pre.add_argument("--output", default=str(CHECKPOINT))
     args = p.parse_args(argv)
     if args.command == "world":
-        if (Path(args.dir) / "world").exists():
-            raise FileExistsError(f"{Path(args.dir) / 'world'} already exists; delete it to write the world again")
         make_world_dataset(args.dir)
         print(f"wrote {Path(args.dir) / 'world'}: {len(world_classes())} classes, "
               f"{'/'.join(map(str, WORLD_SPLIT))} train/val/test images each")
     elif args.command == "styles":
-        if (Path(args.dir) / "world_styles").exists():
-            raise FileExistsError(f"{Path(args.dir) / 'world_styles'} already exists; delete it to write it again")
         make_styles_dataset(args.dir)
         print(f"wrote {Path(args.dir) / 'world_styles'}: styles {', '.join(WORLD_STYLES)}, {len(world_classes())} "
               f"classes, {'/'.join(map(str, STYLES_SPLIT))} train/val/test images per class and style")
