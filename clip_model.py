@@ -264,6 +264,7 @@ class CLIP(nn.Module):
         features = x[torch.arange(N, device=x.device), eot_idx] @ self.text_projection  # (N, E)
         if not return_context:
             return features
+        # GRAM's regulator context (SUPMER: the mean of T5's last hidden state; reconstruction: CLIP's, up to each EOT)
         valid = (torch.arange(x.shape[1], device=x.device)[None, :] <= eot_idx[:, None]).to(x.dtype)  # (N, L')
         return features, ((x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)).mean(0)  # (D,)
 

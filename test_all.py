@@ -2491,6 +2491,20 @@ def test_gram_pipeline_meta_train_resume_and_plug_in(harness, gram_pairs, tmp_pa
     assert results["config"]["gram_sha256"] == clip_model.sha256_of(tmp_path / "gram" / "gram.pt")
 
 
+def test_gram_pipeline_for_ivlp(harness, gram_pairs, tmp_path):
+    """GRAM over IVLP's text and visual prompts: one regulator per modality, then few-shot IVLP from the file."""
+    import train
+    train.run(gram_args(harness, gram_pairs, tmp_path / "gram", "--base", "ivlp", "--text-depth", "2",
+                        "--vision-depth", "2", "--gram-steps", "2"))
+    gram = torch.load(tmp_path / "gram" / "gram.pt", weights_only=True)
+    assert set(gram["prompts"]) == {"ctx", "text_deep_prompts.0", "vision_ctx", "vision_deep_prompts.0"}
+    assert {k.split(".")[1] for k in gram["regulators"]} == {"text", "vision"}
+    run_train(harness, tmp_path / "ivlp", "--method", "ivlp", "--epochs", "1", "--gram",
+              str(tmp_path / "gram" / "gram.pt"))
+    results = json.loads((tmp_path / "ivlp" / "results.json").read_text())
+    assert set(results["splits"]) == {"base", "new"} and results["config"]["gram_sha256"]
+
+
 def test_gram_regulated_downstream_step_by_hand(tiny):
     """sgd_step with GRAM's regulators: the SGD step uses psi(g, e), e the text encoder's context of the class
     prompts, computed here by hand from CLIP's hidden states."""
