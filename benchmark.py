@@ -148,7 +148,7 @@ def run_gram_testbed(seeds, root: str, output: str) -> str:
 def gram_base2new_table(output: str) -> str:
     """Base-to-new per method and shots: base / new / HM, mean ± std over seeds."""
     lines = ["| method | shots | seeds | base | new | HM |", "|---|---|---|---|---|---|"]
-    for folder in sorted(Path(output, "world").glob("*/shots_*")):
+    for folder in sorted(Path(output, "world").glob("*/shots_*"), key=lambda f: (f.parent.name, int(f.name[6:]))):
         results = [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*/results.json"))]
         if not results:
             continue
