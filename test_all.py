@@ -2503,6 +2503,10 @@ def test_gram_pipeline_for_ivlp(harness, gram_pairs, tmp_path):
               str(tmp_path / "gram" / "gram.pt"))
     results = json.loads((tmp_path / "ivlp" / "results.json").read_text())
     assert set(results["splits"]) == {"base", "new"} and results["config"]["gram_sha256"]
+    train.run(gram_args(harness, gram_pairs, tmp_path / "second", "--base", "ivlp", "--text-depth", "2",
+                        "--vision-depth", "2", "--gram-steps", "1", "--gram-second-order"))  # double backward runs
+    log = [json.loads(line) for line in (tmp_path / "second" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and math.isfinite(log[0]["outer"])
 
 
 def test_gram_regulated_downstream_step_by_hand(tiny):

@@ -715,16 +715,17 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
     n, sims, logged = len(tasks), [], {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0}
     scale = learner.clip.logit_scale.exp()
     for support, query, partner, domain_similarity in tasks:
-        adapted, regulated, gates, support_loss, contexts = meta.regulated_inner_update(
-            lambda p, b: pair_loss(learner, p, b), params, regulators, support, alpha=args.gram_alpha,
-            second_order=args.gram_second_order)
-        lam = meta.curriculum_lambda(agreement, generator)
-        q = torch.func.functional_call(learner, adapted, (query[0],), {"captions": query[1]})
-        a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
-        outer = meta.mixup_contrastive_loss(q.image_features, q.text_features, a.image_features, a.text_features,
-                                            lam, scale)
-        before = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
-        (outer / n).backward()
+        with meta.second_order_attention(args.gram_second_order):  # double backward through attention: math kernel
+            adapted, regulated, gates, support_loss, contexts = meta.regulated_inner_update(
+                lambda p, b: pair_loss(learner, p, b), params, regulators, support, alpha=args.gram_alpha,
+                second_order=args.gram_second_order)
+            lam = meta.curriculum_lambda(agreement, generator)
+            q = torch.func.functional_call(learner, adapted, (query[0],), {"captions": query[1]})
+            a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
+            outer = meta.mixup_contrastive_loss(q.image_features, q.text_features, a.image_features,
+                                                a.text_features, lam, scale)
+            before = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+            (outer / n).backward()
         s_tau = statistics.fmean(meta.gradient_agreement((p.grad - before[k]) * n, regulated[k].detach())
                                  for k, p in params.items())
         groups = {regulators.key(k): k for k in params}  # one gate per regulator
