@@ -161,8 +161,8 @@ def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = prompts.read_checkpoint(checkpoint)
     config = ckpt["config"]
-    if dataset == "world":  # the offline testbed is made, not downloaded
-        testbed.ensure_world(root)
+    if dataset in testbed.DATASETS:  # the offline testbed is made, not downloaded
+        testbed.ensure_dataset(dataset, root)
     data.check_request(dataset, root, config["shots"], False, config.get("target_domain"))  # before the backbone
     clip = clip_model.load(backbone or config["backbone"], device=device)
     _, _, test, classnames = data.build_dataset(dataset, root, shots=config["shots"], seed=config["seed"],

@@ -194,24 +194,28 @@ class CoOp(nn.Module):
         self.text = TextPrompts(clip, classnames, self.ctx.shape[-2], ctx_init)
         self.text_prefix = ctx_init  # the words in the context's place when other text (captions) is prompted
 
+    def prompted_text(self, text: "TextPrompts | None" = None, return_context: bool = False):
+        """Text features (N, E) before normalisation of the class prompts, or of `text` (captions, context in front);
+        with return_context also the text encoder's context (D,) (GRAM)."""
+        text, position = (self.text, self.class_token_position) if text is None else (text, "end")
+        return self.clip.encode_text_embeddings(text.assemble(self.ctx, position), text.eot_idx,
+                                                return_context=return_context)
+
     def encode_text(self) -> torch.Tensor:
-        x = self.text.assemble(self.ctx, self.class_token_position)  # (C, L', D)
-        return F.normalize(self.clip.encode_text_embeddings(x, self.text.eot_idx), dim=-1)  # (C, E)
+        return F.normalize(self.prompted_text(), dim=-1)  # (C, E)
 
     def forward(self, images: torch.Tensor, captions: "TextPrompts | None" = None, with_context: bool = False):
         """PromptedOutput over the learner's classes; with `captions` (caption_prompts of the batch) the PairOutput of
         the image-caption pairs instead; with_context=True adds the text encoder's context (GRAM)."""
-        if captions is not None or with_context:
-            if self.ctx.dim() == 3:
-                raise ValueError("GRAM needs a shared context: class-specific CoOp contexts cannot prompt captions")
-            text = captions if captions is not None else self.text
-            x = text.assemble(self.ctx, self.class_token_position if captions is None else "end")  # (N, L', D)
-            text_features, context = self.clip.encode_text_embeddings(x, text.eot_idx, return_context=True)
-            if captions is not None:
-                return PairOutput(self.clip.encode_image(images), text_features, {"text": context})
-            return prompted_output(self.clip, self.clip.encode_image(images), F.normalize(text_features, dim=-1),
-                                   {"text": context})
-        return prompted_output(self.clip, self.clip.encode_image(images), self.encode_text())
+        if captions is None and not with_context:
+            return prompted_output(self.clip, self.clip.encode_image(images), self.encode_text())
+        if self.ctx.dim() == 3:
+            raise ValueError("GRAM needs a shared context: class-specific CoOp contexts cannot prompt captions")
+        text_features, context = self.prompted_text(captions, return_context=True)  # (N, E), (D,)
+        if captions is not None:
+            return PairOutput(self.clip.encode_image(images), text_features, {"text": context})
+        return prompted_output(self.clip, self.clip.encode_image(images), F.normalize(text_features, dim=-1),
+                               {"text": context})
 
 
 def deep_prompt_list(n_layers: int, n_tokens: int, width: int, device) -> nn.ParameterList:
@@ -247,13 +251,15 @@ class IVLP(nn.Module):
         self.text = TextPrompts(clip, classnames, n_ctx_text, ctx_init)
         self.text_prefix = ctx_init  # the words in the context's place when other text (captions) is prompted
 
-    def encode_text(self, text: "TextPrompts | None" = None, return_context: bool = False):
-        """Prompted text features (C, E), normalised, of the class prompts (or of `text`, e.g. captions)."""
+    def prompted_text(self, text: "TextPrompts | None" = None, return_context: bool = False):
+        """Text features (N, E) before normalisation of the class prompts, or of `text` (captions, context in front);
+        with return_context also the text encoder's context (D,) (GRAM)."""
         text = text if text is not None else self.text
-        x = text.assemble(self.ctx)  # (C, L', D)
-        out = self.clip.encode_text_embeddings(x, text.eot_idx, deep_prompts=list(self.text_deep_prompts),
-                                               return_context=return_context)
-        return (F.normalize(out[0], dim=-1), out[1]) if return_context else F.normalize(out, dim=-1)  # (C, E)
+        return self.clip.encode_text_embeddings(text.assemble(self.ctx), text.eot_idx,
+                                                deep_prompts=list(self.text_deep_prompts), return_context=return_context)
+
+    def encode_text(self) -> torch.Tensor:
+        return F.normalize(self.prompted_text(), dim=-1)  # (C, E)
 
     def encode_image(self, images: torch.Tensor, return_context: bool = False):
         """Prompted image features (B, E), before normalisation (and the vision context)."""
@@ -266,10 +272,7 @@ class IVLP(nn.Module):
         if captions is None and not with_context:
             return prompted_output(self.clip, self.encode_image(images), self.encode_text())
         image_features, vision_context = self.encode_image(images, return_context=True)
-        text = captions if captions is not None else self.text
-        x = text.assemble(self.ctx)  # (N, L', D)
-        text_features, text_context = self.clip.encode_text_embeddings(
-            x, text.eot_idx, deep_prompts=list(self.text_deep_prompts), return_context=True)
+        text_features, text_context = self.prompted_text(captions, return_context=True)  # (N, E), (D,)
         contexts = {"text": text_context, "vision": vision_context}
         if captions is not None:
             return PairOutput(image_features, text_features, contexts)

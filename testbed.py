@@ -215,21 +215,16 @@ def make_styles_dataset(root, seed=WORLD_SEED, per_class=STYLES_SPLIT):
     return list(WORLD_STYLES)
 
 
+DATASETS = ("world", "world_styles")  # what train.py and eval.py read as datasets (data.DATASETS has their layout)
+
+
 def ensure_dataset(name, root) -> Path:
-    """The testbed dataset `name` ("world" or "world_styles") under `root`, written on first use."""
+    """The testbed dataset `name` ("world" or "world_styles") under `root`, written on first use (what
+    `train.py --dataset world` calls)."""
     folder = Path(root).expanduser() / name
     if not folder.is_dir():
         print(f"writing the testbed's {name} dataset to {folder} (a few seconds, once)", file=sys.stderr)
         (make_world_dataset if name == "world" else make_styles_dataset)(Path(root).expanduser())
-    return folder
-
-
-def ensure_world(root) -> Path:
-    """The downstream task under `root`, written on first use (what `train.py --dataset world` calls)."""
-    folder = Path(root).expanduser() / "world"
-    if not folder.is_dir():
-        print(f"writing the testbed's world dataset to {folder} (a few seconds, once)", file=sys.stderr)
-        make_world_dataset(Path(root).expanduser())
     return folder
 
 
@@ -331,7 +326,7 @@ def load_images(folder: Path, relpaths: list) -> torch.Tensor:
 def zero_shot_accuracy(model, root) -> dict:
     """Zero-shot accuracy (%) with "a photo of a {}." on the downstream test set's base and new classes (24-way
     each, as the base-to-new protocol evaluates them)."""
-    folder = ensure_world(root)
+    folder = ensure_dataset("world", root)
     test = json.loads((folder / "split_zhou_World.json").read_text())["test"]
     n_base, result = len(base_classes()), {}
     for subsample, labels in (("base", range(n_base)), ("new", range(n_base, 2 * n_base))):

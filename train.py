@@ -65,7 +65,7 @@ TESTBED_CHECKPOINT = str(testbed.CHECKPOINT)
 # Every method gets the same budget there: 8 epochs of batch 4 at lr 0.002 (ProMetaR: 86 s on 2 CPU cores), and
 # CoOp 4 context vectors (its 16 do not fit the testbed's 16-token context).
 GRAM_STEPS = 2000  # reconstruction: SUPMER runs 100k on T5; the testbed's pairs need far fewer
-TESTBED_DATASETS = ("world", "world_styles")  # written by testbed.py, trained with the shipped small CLIP
+TESTBED_DATASETS = testbed.DATASETS  # written by testbed.py, trained with the shipped small CLIP
 TESTBED_DEFAULTS = {"backbone": TESTBED_CHECKPOINT, "text_depth": 3, "vision_depth": 3, "num_workers": 0,
                     "epochs": 8, "batch_size": 4, "lr": 0.002, "n_ctx": 4}
 # The testbed's DG task (world_styles: 4 source styles x 48 classes x up to 5 shots) gets the same budget for every
@@ -235,13 +235,13 @@ def parse_args(argv=None):
 def check_inputs(args):
     """Every check that needs no download and no model, run before the backbone is loaded or fetched: the datasets
     (name, root, folders, the files their readers need, shots, target domain), the backbone name or file, the
-    checkpoint to evaluate. Raises data.DataError / clip_model.CheckpointError with one line."""
+    checkpoint to evaluate, the --gram file. Raises data.DataError / clip_model.CheckpointError with one line.
+    Returns the verified --gram file (None without --gram), so that it is read once."""
     check_backbone(args.backbone)
-    if args.method == "gram":  # meta-training reads pairs, no dataset
-        data.read_pairs(args.pairs, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-        return
+    gram = None
     if args.gram:
-        args.gram_sha256 = read_gram_file(args.gram, args)["sha256"]
+        gram = read_gram_file(args.gram, args)
+        args.gram_sha256 = gram["sha256"]
     if args.dataset in TESTBED_DATASETS:  # the offline testbed is made, not downloaded
         testbed.ensure_dataset(args.dataset, args.root)
     domains = data.get_spec(args.dataset).domains
@@ -258,6 +258,7 @@ def check_inputs(args):
             data.check_request(dataset, args.root, args.shots, False, target)
     if args.eval_only:
         prompts.read_checkpoint(args.checkpoint, args.method)
+    return gram
 
 
 def check_backbone(backbone):
@@ -296,11 +297,11 @@ def read_gram_file(path, args) -> dict:
     return {**gram, "sha256": clip_model.sha256_of(path)}
 
 
-def apply_gram(args, learner):
-    """Start `learner` from the GRAM initialisation and return its frozen regulators (None without --gram)."""
-    if not args.gram:
+def apply_gram(args, learner, gram):
+    """Start `learner` from the GRAM initialisation `gram` (read_gram_file) and return its frozen regulators (None
+    without --gram)."""
+    if gram is None:
         return None
-    gram = read_gram_file(args.gram, args)
     expected = {k: list(v.shape) for k, v in prompts.prompt_parameters(learner).items()}
     if gram["config"]["shapes"] != expected:
         raise clip_model.CheckpointError(f"--gram {args.gram} holds prompts {gram['config']['shapes']}, this "
@@ -561,7 +562,7 @@ def write_results(args, splits, device, wall_time):
 
 def main(args):
     start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
-    check_inputs(args)
+    gram = check_inputs(args)
     seed_everything(args.seed)
     clip = clip_model.load(args.backbone, device=device)
     if args.eval_only:  # evaluate a saved model on any class subset
@@ -581,7 +582,7 @@ def main(args):
         if args.method == "promptsrc" else None
     gate = meta.GradientModulator({k: v.shape for k, v in params.items()}, args.dim_rate).to(device) \
         if args.method == "prometar" else None
-    regulators = apply_gram(args, learner)  # --gram: GRAM's initialisation and frozen regulators
+    regulators = apply_gram(args, learner, gram)  # --gram: GRAM's initialisation and frozen regulators
     optimizer, gate_optimizer = build_optimizers(args, params, gate)
     scaler = torch.amp.GradScaler(enabled=device == "cuda")  # fp16 autocast on CUDA, fp32 master prompts
     ckpt_path, start_epoch, snapshots = os.path.join(args.output_dir, "checkpoint.pt"), 0, []
@@ -619,7 +620,8 @@ def main(args):
                                           regulators)
             accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
             bar.set_postfix(loss=f"{sum(losses.values()).item():.4f}", acc=f"{accuracy:.1f}", lr=f"{lr:.2e}")
-            tick = log_iteration(log, epoch, iteration, losses, accuracy, lr, tick)
+            tick = log_iteration(log, {"epoch": epoch, "iteration": iteration},
+                                 {**losses, "accuracy": accuracy, "lr": lr}, tick)
         # --- bookkeeping: Gaussian prompt aggregation snapshot, atomic checkpoint ---
         if gpa_weights is not None:
             snapshots.append({k: v.detach().clone() for k, v in params.items()})
@@ -654,14 +656,13 @@ def open_log(path, start_epoch, key="epoch"):
     return open(path, "a")
 
 
-def log_iteration(log, epoch, iteration, losses, accuracy, lr, tick, key="iteration") -> float:
-    """One JSON line: epoch, iteration within it, every loss term, training accuracy (%), lr, wall seconds since the
-    previous line (batch loading included). Flushed at once, so an interrupted run loses no finished line. GRAM:
-    key="step" and no epoch or accuracy."""
+def log_iteration(log, position: dict, values: dict, tick) -> float:
+    """One JSON line: where in the run (epoch and iteration within it; GRAM: step), every value (loss terms,
+    training accuracy (%), lr; tensors or numbers), wall seconds since the previous line (batch loading included).
+    Flushed at once, so an interrupted run loses no finished line. Returns the time of this line."""
     now = time.perf_counter()
-    position = {"epoch": epoch, "iteration": iteration} if key == "iteration" else {"step": iteration}
-    record = {**position, **{k: v.item() for k, v in losses.items()},
-              **({"accuracy": accuracy} if key == "iteration" else {}), "lr": lr, "seconds": round(now - tick, 4)}
+    record = {**position, **{k: v.item() if torch.is_tensor(v) else float(v) for k, v in values.items()},
+              "seconds": round(now - tick, 4)}
     log.write(json.dumps(record) + "\n")
     log.flush()
     return now
@@ -781,7 +782,7 @@ def meta_train_gram(args):
     """`--method gram`: meta-train a prompt initialisation and its gradient regulators on image-caption pairs, with
     atomic checkpoints every --gram-checkpoint-every steps, `--resume`, log.jsonl, and <output-dir>/gram.pt at the end."""
     start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
-    check_inputs(args)
+    check_backbone(args.backbone)
     pairs = data.read_pairs(args.pairs, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     if len(pairs) < 2 * args.gram_batch * (args.gram_tasks + 1):
         raise data.DataError(f"{args.pairs} holds {len(pairs)} pairs; one meta-batch needs at least "
@@ -824,7 +825,7 @@ def meta_train_gram(args):
         losses, agreement = gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement,
                                       generator, first=step == 0)
         bar.set_postfix(outer=f"{float(losses['outer']):.3f}", s=f"{agreement:.3f}")
-        tick = log_iteration(log, 0, step, losses, 0.0, args.gram_prompt_lr * decay, tick, key="step")
+        tick = log_iteration(log, {"step": step}, {**losses, "lr": args.gram_prompt_lr * decay}, tick)
         if (step + 1) % args.gram_checkpoint_every == 0 or step + 1 == args.gram_steps:
             save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "regulators": regulators.state_dict(),
                          "optimizer": optimizer.state_dict(), "regulator_optimizer": regulator_optimizer.state_dict(),
