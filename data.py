@@ -32,6 +32,8 @@ Deliberate differences from CoOp:
     absolute paths), at the same place: <dataset folder>/split_fewshot/shot_{K}-seed_{S}.json
     (DG suites: <target domain>_shot_{K}-seed_{S}.json; MetaPrompt prefixes the target's index).
   * Test-only datasets (ImageNet-V2/-Sketch/-A/-R) return an empty train list (CoOp sets train = test).
+Your own images (`--dataset folder --root DIR`, `read_folder`): DIR/<class>/<image> split once into DIR/split.json
+(CoOp's format and proportions), or DIR/{train,val,test}/<class>/<image> as given.
 Also here: small synthetic datasets for tests (`make_synthetic_dataset`; `make_synthetic_dg_dataset`, three domains);
 image-caption pairs in open_clip's CSV convention (`read_pairs`, GRAM's meta-training data). The offline testbed's
 world and its styles are read like any CoOp dataset or DG suite (`world`, `world_styles`); testbed.py writes them.
@@ -80,7 +82,8 @@ TEST_BATCH_SIZE = 100  # Dassl defaults.py DATALOADER.TEST.BATCH_SIZE
 NUM_WORKERS = 8  # CoOp configs DATALOADER.NUM_WORKERS
 PACS_ERROR_PATHS = ("sketch/dog/n02103406_4068-1.png",)  # MetaPrompt datasets/pacs.py: unreadable image
 VLCS_CLASSES = ("bird", "car", "chair", "dog", "person")  # MetaPrompt datasets/vlcs.py, label order
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # what counts as an image in class folders
+# what counts as an image in class folders: torchvision datasets/folder.py IMG_EXTENSIONS (ImageFolder's list)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class DataError(ValueError):
@@ -155,6 +158,7 @@ CUSTOM_TEMPLATES = {
     "PACS": "a photo of a {}", "VLCS": "a photo of a {}", "OfficeHome": "a photo of a {}",
     "DomainNet": "a photo of a {}", "Synthetic": "a photo of a {}.", "World": "a photo of a {}.",
     "SyntheticDG": "a photo of a {}.", "WorldStyles": "a photo of a {}.",
+    "Folder": "a photo of a {}.",  # your own images: train.py --template changes it
 }
 
 # MetaPrompt's frozen hand-made templates (Vill-Lab/2024-TIP-MetaPrompt trainers/meta.py:200-230, no final period;
@@ -285,6 +289,10 @@ DATASETS = {
                                 ("clean", "washed", "dark", "noisy", "outline")),
     "world": DatasetSpec("World", "world", "images", "split", "made by: python testbed.py world ROOT",
                          "world/{images/<colour_shape>/*.png, split_zhou_World.json}"),
+    # your own images: --root is the image folder itself (see read_folder)
+    "folder": DatasetSpec("Folder", "", "", "folder", "your own images",
+                          "DIR/<class>/<image>, or DIR/{train,val,test}/<class>/<image> (val optional); "
+                          "DIR/classnames.txt optional"),
 }
 TEST_ONLY = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
@@ -306,6 +314,14 @@ def metaprompt_templates(name):
 def zero_shot_template(name):
     """CoOp's single zero-shot template for dataset `name` (e.g. "dtd" -> "{} texture.")."""
     return CUSTOM_TEMPLATES[get_spec(name).coop_name]
+
+
+def hand_templates(name, method, template=None):
+    """The hand-made prompts of a learner on dataset `name` (zero-shot CLIP, MetaPrompt's frozen branch): the user's
+    `template` (train.py --template) where given, else MetaPrompt's templates or CoOp's zero-shot template."""
+    if template:
+        return [template]
+    return metaprompt_templates(name) if method == "metaprompt" else [zero_shot_template(name)]
 
 
 # --- small file helpers --------------------------------------------------------------------------------
@@ -373,25 +389,34 @@ def save_split(train, val, test, path, image_dir):
     write_json_atomic(split, path)
 
 
-def read_and_split_data(image_dir, rng, p_trn=P_TRAIN, p_val=P_VAL, dataset=""):
-    """CoOp DTD.read_and_split_data: per class folder (sorted), shuffle, first round(n*p_trn) train,
-    next round(n*p_val) val, rest test. Ours lists files sorted before shuffling (CoOp: unsorted)."""
+def split_by_class(classes, rng, p_trn=P_TRAIN, p_val=P_VAL):
+    """CoOp DTD.read_and_split_data's split of [(class name, [image paths])] (label = position): per class in turn,
+    shuffle its paths, the first round(n*p_trn) go to train, the next round(n*p_val) to val, the rest to test."""
     train, val, test = [], [], []
-    folders = list_subfolders(image_dir)
-    if not folders:
-        raise DataError(f"{image_dir} holds no class folders; expected <class>/<image> inside it")
-    for label, folder in enumerate(folders):
-        images = [os.path.join(image_dir, folder, f) for f in list_images(Path(image_dir) / folder)]
-        if not images:
-            raise DataError(f"class folder {Path(image_dir) / folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-                            "add its images or remove the folder")
+    for label, (classname, images) in enumerate(classes):
+        images = list(images)
         rng.shuffle(images)
         n_train, n_val = round(len(images) * p_trn), round(len(images) * p_val)
-        classname = clean_classname(dataset, folder)
         for part, paths in ((train, images[:n_train]), (val, images[n_train:n_train + n_val]),
                             (test, images[n_train + n_val:])):
             part.extend(Datum(p, label, classname) for p in paths)
     return train, val, test
+
+
+def read_and_split_data(image_dir, rng, p_trn=P_TRAIN, p_val=P_VAL, dataset=""):
+    """CoOp DTD.read_and_split_data: the class folders (sorted) split by `split_by_class`. Ours lists files sorted
+    before shuffling (CoOp: unsorted)."""
+    folders = list_subfolders(image_dir)
+    if not folders:
+        raise DataError(f"{image_dir} holds no class folders; expected <class>/<image> inside it")
+    classes = []
+    for folder in folders:
+        images = [os.path.join(image_dir, folder, f) for f in list_images(Path(image_dir) / folder)]
+        if not images:
+            raise DataError(f"class folder {Path(image_dir) / folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                            "add its images or remove the folder")
+        classes.append((clean_classname(dataset, folder), images))
+    return split_by_class(classes, rng, p_trn, p_val)
 
 
 def split_trainval(trainval, rng, p_val=P_VAL_TRAINVAL):
@@ -636,6 +661,164 @@ def read_dg(name, folder, image_dir, target):
     return out["train"], out["val"], out["test"]
 
 
+# --- your own images: an image folder, --dataset folder --root DIR ------------------------------------------------
+FOLDER_SPLIT_FILE = "split.json"  # CoOp's split format, written once, then reused and editable by hand
+FOLDER_CLASSNAMES_FILE = "classnames.txt"  # optional: "<folder> <class name>" lines
+FOLDER_SPLITS = ("train", "val", "test")  # a split given as folders (val optional)
+FEWSHOT_DIR = "split_fewshot"  # the few-shot cache (fewshot_cache_path), never a class folder
+
+
+def walk_images(folder, skipped) -> list:
+    """Image files anywhere under `folder`, sorted (as torchvision's ImageFolder, any depth); files with another
+    extension are appended to `skipped` (hidden files are ignored)."""
+    images = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith("."):
+                is_image = Path(name).suffix.lower() in IMAGE_SUFFIXES
+                (images if is_image else skipped).append(os.path.join(dirpath, name))
+    return sorted(images)
+
+
+def scan_class_folders(image_dir, skipped, exclude=()) -> dict:
+    """{class folder: [image paths]} of image_dir/<class>/..., folders sorted; an empty class folder is an error."""
+    folders = [f for f in list_subfolders(image_dir) if f not in exclude]
+    if not folders:
+        raise DataError(f"{image_dir} holds no class folders: put the images of each class in a folder of its own, "
+                        f"{image_dir}/<class>/<image>")
+    classes = {}
+    for f in folders:
+        classes[f] = walk_images(Path(image_dir) / f, skipped)
+        if not classes[f]:
+            raise DataError(f"class folder {Path(image_dir) / f} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                            "add its images or remove the folder")
+    return classes
+
+
+def folder_layout(folder) -> str:
+    """"splits" when the split is given as folders (train/ and test/, val/ optional), "classes" otherwise."""
+    present = [s for s in FOLDER_SPLITS if (Path(folder) / s).is_dir()]
+    if {"train", "test"} <= set(present):
+        return "splits"
+    if present:
+        raise DataError(f"{folder} has {', '.join(p + '/' for p in present)} but not both train/ and test/: give "
+                        f"train/ and test/ (val/ optional), each holding <class>/<image>, or put the class folders "
+                        f"directly in {folder}")
+    return "classes"
+
+
+def folder_classnames(folder, class_folders) -> dict:
+    """{class folder: class name}: underscores and dashes become spaces ("golden_retriever" -> "golden retriever"),
+    unless DIR/classnames.txt names the folder ("<folder> <class name>" lines, split at a tab or the first space)."""
+    names = {f: " ".join(f.replace("_", " ").replace("-", " ").split()) for f in class_folders}
+    path = Path(folder) / FOLDER_CLASSNAMES_FILE
+    if path.exists():
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                line = line.strip()
+                if not line:
+                    continue
+                key, _, name = line.partition("\t" if "\t" in line else " ")
+                if key not in names:
+                    raise DataError(f"{path} line {number}: there is no class folder {key!r}; each line is "
+                                    "'<folder> <class name>' for a folder of images")
+                if not name.strip():
+                    raise DataError(f"{path} line {number}: no class name after the folder {key!r}; write "
+                                    "'<folder> <class name>'")
+                names[key] = name.strip()
+    check_class_list(list(names.values()), f"the class names of {folder}")
+    return names
+
+
+def check_class_list(names, what):
+    """A class list for prompts: no empty name, no name twice (two classes with one prompt cannot be told apart)."""
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise DataError(f"{what}: name {i + 1} is empty; give every class a name")
+    seen = {}
+    for name in names:
+        if name in seen:
+            raise DataError(f"{what}: the name {name!r} is there twice; every class needs a name of its own "
+                            f"(a folder's name can be changed in {FOLDER_CLASSNAMES_FILE})")
+        seen[name] = True
+
+
+def read_class_list(path) -> list:
+    """Class names, one a line (blank lines at the end ignored); empty or repeated names are errors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"class list {path} not found; write one class name a line")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").rstrip().splitlines()]
+    if not names or names == [""]:
+        raise DataError(f"class list {path} is empty; write one class name a line")
+    for number, name in enumerate(names, start=1):
+        if not name:
+            raise DataError(f"class list {path} line {number} is empty; remove it, one class name a line")
+    check_class_list(names, f"class list {path}")
+    return names
+
+
+def class_folder_of(item, image_dir, depth=0) -> str:
+    """The class folder of an item: the `depth`-th part of its path under image_dir (1 inside train/val/test)."""
+    return Path(os.path.relpath(item.impath, image_dir)).parts[depth]
+
+
+def read_folder(folder):
+    """(train, val, test, class names) of your own image folder (issue: no Dassl dataset class needed).
+
+    DIR/train/<class>/... and DIR/test/<class>/... (and DIR/val/<class>/...): those splits, labels by sorted class
+    folder; without val/, CoOp's split_trainval draws 20% of train (seed GENERATED_SPLIT_SEED). Otherwise
+    DIR/<class>/...: DIR/split.json if it is there (CoOp's format, so it can be edited by hand), else a stratified
+    split with CoOp's 50/20/30 proportions (split_by_class, seed GENERATED_SPLIT_SEED) written to DIR/split.json.
+    Class names: DIR/classnames.txt, else split.json's, else the folder names with "_" and "-" as spaces. Files that
+    are not images (by extension) are skipped, with one notice."""
+    folder, skipped = Path(folder), []
+    rng = random.Random(GENERATED_SPLIT_SEED)
+    if folder_layout(folder) == "splits":
+        per_split = {s: scan_class_folders(folder / s, skipped) if (folder / s).is_dir() else {}
+                     for s in FOLDER_SPLITS}
+        folders = sorted(set().union(*per_split.values()))
+        untrained = [f for f in folders if f not in per_split["train"]]
+        if untrained:
+            raise DataError(f"class {untrained[0]} has no folder in {folder / 'train'}: every class needs training "
+                            f"images; add {folder / 'train' / untrained[0]}/ or remove the class from val/ and test/")
+        names = folder_classnames(folder, folders)
+        train, val, test = ([Datum(p, folders.index(f), names[f]) for f, paths in per_split[s].items() for p in paths]
+                            for s in FOLDER_SPLITS)
+        if not (folder / "val").is_dir():  # CoOp OxfordPets: val = 20% of trainval
+            train, val = split_trainval(train, rng)
+    else:
+        path = folder / FOLDER_SPLIT_FILE
+        if path.exists():
+            train, val, test = read_split(path, str(folder))
+            on_disk = {p for f in list_subfolders(folder) if f != FEWSHOT_DIR for p in walk_images(folder / f, skipped)}
+            unlisted = on_disk - {d.impath for d in train + val + test}
+            if unlisted:
+                warnings.warn(f"{len(unlisted)} images under {folder} are not in {path.name}, e.g. {min(unlisted)}; "
+                              f"delete {path} to split again, or add them to it", stacklevel=2)
+            if (folder / FOLDER_CLASSNAMES_FILE).exists():
+                names = folder_classnames(folder, sorted({class_folder_of(d, folder) for d in train + val + test}))
+                train, val, test = ([d._replace(classname=names[class_folder_of(d, folder)]) for d in items]
+                                    for items in (train, val, test))
+        else:
+            classes = scan_class_folders(folder, skipped, exclude=(FEWSHOT_DIR,))
+            names = folder_classnames(folder, list(classes))
+            train, val, test = split_by_class([(names[f], paths) for f, paths in classes.items()], rng)
+            empty = sorted(set(classes) - {class_folder_of(d, folder) for d in train})
+            if empty:
+                raise DataError(f"class folder {folder / empty[0]} has {len(classes[empty[0]])} image(s): a 50/20/30 "
+                                f"split leaves it no training image; add images (at least 2 per class)")
+            save_split(train, val, test, path, str(folder))
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} file(s) under {folder} that are not images (not "
+                      f"{'/'.join(IMAGE_SUFFIXES)}), e.g. {skipped[0]}", stacklevel=2)
+    classnames = classnames_of(train, val, test)
+    check_class_list(classnames, f"the class names of {folder}")
+    return train, val, test, classnames
+
+
+
 def read_lists(name, folder, download=False, target=None):
     """(train, val, test, classnames) of dataset `name` in `folder`, as CoOp/MetaPrompt read them."""
     spec = get_spec(name)
@@ -646,6 +829,8 @@ def read_lists(name, folder, download=False, target=None):
         return read_imagenet(folder, image_dir)
     if spec.kind == "imagenet_variant":
         return read_imagenet_variant(name, folder, image_dir)
+    if spec.kind == "folder":
+        return read_folder(folder)
     if spec.kind == "split":
         train, val, test = read_split(find_split_file(name, folder, image_dir, download), image_dir)
     else:
@@ -654,11 +839,11 @@ def read_lists(name, folder, download=False, target=None):
 
 
 # --- few-shot sampling (Dassl DatasetBase.generate_fewshot_dataset) ------------------------------------------
-def generate_fewshot(items, k, rng):
+def generate_fewshot(items, k, rng, warn=True):
     """K items per class, drawn as Dassl does: for each label in order of first appearance,
-    `rng.sample(items_of_label, k)`; a class with fewer than k items gives all of them (with a warning).
-    DG lists are grouped by domain first, then label (MetaPrompt's _generate_fewshot_dataset); with a single
-    domain that is exactly Dassl's grouping.
+    `rng.sample(items_of_label, k)`; a class with fewer than k items gives all of them (one warning naming every
+    such class, unless warn=False). DG lists are grouped by domain first, then label (MetaPrompt's
+    _generate_fewshot_dataset); with a single domain that is exactly Dassl's grouping.
     `random.seed(S)` re-seeds the hidden `random.Random` instance behind the module functions, so
     `random.Random(S)` gives the identical stream (the golden-file test checks it)."""
     if k < 1:
@@ -666,15 +851,17 @@ def generate_fewshot(items, k, rng):
     groups = {}  # domain -> label -> items, in first-appearance order
     for item in items:
         groups.setdefault(item.domain, {}).setdefault(item.label, []).append(item)
-    out = []
+    out, short = [], []
     for by_label in groups.values():
-        for label, members in by_label.items():
+        for members in by_label.values():
             if len(members) < k:
-                warnings.warn(f"class {label} ({members[0].classname}) has {len(members)} images, "
-                              f"fewer than {k} shots: taking all of them (Dassl behaviour)", stacklevel=2)
+                short.append(f"{members[0].classname} has {len(members)}")
                 out.extend(members)
             else:
                 out.extend(rng.sample(members, k))
+    if short and warn:
+        warnings.warn(f"{len(short)} class(es) with fewer than {k} images, taking all of them (Dassl behaviour): "
+                      f"{', '.join(short)}", stacklevel=2)
     return out
 
 
@@ -717,7 +904,7 @@ def load_or_sample_fewshot(path, image_dir, train, val, shots, seed, sample_val=
     train = generate_fewshot(train, shots, rng)
     cache = {"train": entries_from_items(train, image_dir), "source_sha256": digest}
     if sample_val:  # CoOp ImageNet: only train is sampled (val = test)
-        val = generate_fewshot(val, min(shots, VAL_SHOTS_CAP), rng)
+        val = generate_fewshot(val, min(shots, VAL_SHOTS_CAP), rng, warn=False)  # val trains nothing: no notice
         cache["val"] = entries_from_items(val, image_dir)
     write_json_atomic(cache, path)
     return train, val
@@ -745,6 +932,8 @@ def download_hint(name, root):
         how = f"get it with: python data.py --dataset {name} --root {root} --download"
     elif name == "world":
         how = f"make it with: python testbed.py world {root}"
+    elif spec.kind == "folder":
+        return f"--root is your image folder: {spec.layout}"
     else:
         how = f"get it from {spec.url}"
     return f"{how}; expected layout under the root: {spec.layout}"
@@ -804,15 +993,32 @@ def check_request(name, root, shots=16, download=False, target_domain=None):
             raise DataError(f"{name} cannot be downloaded automatically; {download_hint(name, root)}")
         return
     check_folder(name, root, folder)
+    if spec.kind == "folder":
+        check_image_folder(folder)
     for path in required_paths(name, folder, target_domain, download):
         if not path.exists():
             raise DataError(f"{path} not found: {name} needs {REQUIRED_WHAT[name]}; {download_hint(name, root)}")
 
 
-def check_images_exist(items, folder):
+def check_image_folder(folder):
+    """The checks of read_folder that need neither a split nor a write: the layout, that every class folder holds
+    images (unless split.json lists them), classnames.txt."""
+    folder = Path(folder)
+    if folder_layout(folder) == "splits":
+        for split in FOLDER_SPLITS:
+            if (folder / split).is_dir():
+                folder_classnames(folder, list(scan_class_folders(folder / split, [])))
+    elif not (folder / FOLDER_SPLIT_FILE).exists():
+        folder_classnames(folder, list(scan_class_folders(folder, [], exclude=(FEWSHOT_DIR,))))
+
+
+def check_images_exist(items, folder, own=False):
     """Dassl asserts every listed image exists; we report how many are missing, never skip them."""
     paths = sorted({d.impath for d in items})
     missing = [p for p in paths if not os.path.isfile(p)]
+    if missing and own:  # your own folder (--dataset folder): its split.json lists them
+        raise DataError(f"{len(missing)} of {len(paths)} images listed in {Path(folder) / FOLDER_SPLIT_FILE} are "
+                        f"missing, e.g. {missing[0]}; fix the file, or delete it to split the folder again")
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} images listed in the split are missing under {folder}, "
                         f"e.g. {missing[0]}; if an extraction or copy was interrupted, delete {folder} and get the "
@@ -851,7 +1057,7 @@ def build_dataset(name, root, shots=16, seed=1, subsample="all", download=False,
         names = [Datum("", label, c) for label, c in enumerate(classnames)]  # relabelled along with the lists
         train, val, test, names = subsample_classes(train, val, test, names, subsample=subsample)
         classnames = [d.classname for d in names]
-    check_images_exist(train + val + test, folder)
+    check_images_exist(train + val + test, folder, own=spec.kind == "folder")
     return DatasetSplits(train, val, test, classnames)
 
 
@@ -1148,6 +1354,15 @@ def summary(name, splits):
             f"train {len(splits.train)} | val {len(splits.val)} | test {len(splits.test)}")
 
 
+def error_line(error) -> str:
+    """The one line a command prints for a user error. An error raised in a DataLoader worker arrives with the
+    worker's traceback in its message; its last line is the original "module.Error: message"."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def one_line_warnings():
     """Command lines print a warning as one line, "warning: <message>" (Python's default adds the source line)."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
@@ -1172,7 +1387,7 @@ def main(argv=None):
         if args.benchmark:
             print(f"train loader: {benchmark_loader(splits.train, num_workers=args.num_workers):.1f} images/s")
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(1)
 
 

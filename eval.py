@@ -1,6 +1,7 @@
-"""Evaluate a saved prompt checkpoint, and aggregate an output tree into the papers' tables (base-to-new, DG).
+"""Evaluate a saved prompt checkpoint, classify images with it, and aggregate an output tree into the papers' tables.
 
     python eval.py evaluate --checkpoint output/.../prompts.pt --dataset dtd --root DATA --subsample new
+    python eval.py predict --checkpoint RUN_DIR photo.jpg more_photos/ [--classes names.txt] [--topk 5] [--json]
     python eval.py table --output output/base2new          # markdown: base, new, HM per dataset + average
     python eval.py table --output output/multi_source_dg   # DG: accuracy per target domain and their average
 
@@ -14,8 +15,10 @@ the baselines issue).
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -156,6 +159,18 @@ def markdown_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_learner(ckpt, clip, classnames, dataset):
+    """The learner a train.py checkpoint describes, built for any class list and loaded with its prompts (ProMetaR
+    trains IVLP's or CoOp's prompts; the hand-made templates are the run's)."""
+    config = ckpt["config"]
+    method = config["base"] if config["method"] == "prometar" else config["method"]
+    templates = data.hand_templates(dataset, method, config.get("template"))
+    learner = prompts.build_learner(method, clip, classnames, templates, **{k: config[k] for k in LEARNER_KEYS},
+                                    raw_frozen_names=config.get("metaprompt_raw_frozen_names", True))
+    prompts.load_prompts(learner, ckpt["prompts"])
+    return learner
+
+
 def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num_workers=data.NUM_WORKERS) -> dict:
     """Accuracy and macro-F1 of saved prompts on `dataset`'s test set restricted to `subsample` classes."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,13 +182,96 @@ def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num
     clip = clip_model.load(backbone or config["backbone"], device=device)
     _, _, test, classnames = data.build_dataset(dataset, root, shots=config["shots"], seed=config["seed"],
                                                 subsample=subsample, target_domain=config.get("target_domain"))
-    method = config["base"] if config["method"] == "prometar" else config["method"]  # ProMetaR trains IVLP/CoOp
-    templates = data.metaprompt_templates(dataset) if method == "metaprompt" else [data.zero_shot_template(dataset)]
-    learner = prompts.build_learner(method, clip, classnames, templates, **{k: config[k] for k in LEARNER_KEYS},
-                                    raw_frozen_names=config.get("metaprompt_raw_frozen_names", True))
-    prompts.load_prompts(learner, ckpt["prompts"])
+    learner = checkpoint_learner(ckpt, clip, classnames, dataset)
     loader = data.build_loader(test, train=False, size=clip.visual.input_resolution, num_workers=num_workers)
     return data.classification_metrics(*prompts.predict(learner, loader, device, autocast=device == "cuda"))
+
+
+# --- prediction with trained prompts ------------------------------------------------------------------------------
+def read_run(checkpoint, method=None) -> dict:
+    """The trained prompts of a run folder (its prompts.pt), or of a prompts.pt / checkpoint.pt given as a file; one
+    line for a missing folder, an unfinished run, a GRAM meta-training folder or a run of another `method`."""
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise clip_model.CheckpointError(f"--checkpoint {path} does not exist; pass the folder of a finished train.py "
+                                         "run (output/<protocol>/<dataset>/<method>/shots_K/seed_S)")
+    if path.is_dir():
+        found = [path / name for name in ("prompts.pt", "gram.pt", "checkpoint.pt") if (path / name).is_file()]
+        if not found:
+            raise clip_model.CheckpointError(f"--checkpoint {path} holds no prompts.pt; pass the folder of a "
+                                             "finished train.py run")
+        path = found[0]
+    ckpt = prompts.read_checkpoint(path)
+    if "regulators" in ckpt or ckpt["config"].get("method") == "gram":
+        raise clip_model.CheckpointError(f"--checkpoint {path} is GRAM's meta-training (a prompt initialisation, not a "
+                                         "classifier): train with it, train.py --method coop --gram <its gram.pt>, "
+                                         "and predict with that run")
+    if Path(checkpoint).is_dir() and path.name == "checkpoint.pt":
+        raise clip_model.CheckpointError(f"--checkpoint {path.parent} holds an unfinished run (checkpoint.pt, no "
+                                         "prompts.pt): finish it with train.py's --resume, or pass its checkpoint.pt "
+                                         "to use the prompts of its last finished epoch")
+    if method is not None and ckpt["config"]["method"] != method:
+        raise clip_model.CheckpointError(f"--checkpoint {path} was trained with --method {ckpt['config']['method']}, "
+                                         f"not {method}; pass a {method} run, or leave out --method")
+    return ckpt
+
+
+def image_files(paths) -> list:
+    """Image files among `paths` (files, or folders searched at any depth), in the order given (each folder sorted);
+    other files are skipped with one notice; a path that does not exist is an error."""
+    images, skipped = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            images += data.walk_images(path, skipped)
+        elif path.is_file():
+            (images if path.suffix.lower() in data.IMAGE_SUFFIXES else skipped).append(str(path))
+        else:
+            raise FileNotFoundError(f"{path} not found; give image files or folders of images")
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} file(s) that are not images (not {'/'.join(data.IMAGE_SUFFIXES)}), "
+                      f"e.g. {skipped[0]}", stacklevel=2)
+    if not images:
+        raise data.DataError(f"no images ({', '.join(data.IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
+    return images
+
+
+@torch.no_grad()
+def predict_images(checkpoint, paths, classes=None, topk=5, backbone=None, batch_size=data.TEST_BATCH_SIZE,
+                   num_workers=None, progress=True, method=None) -> list:
+    """Classify image files with a run's trained prompts: over the run's training classes, or over `classes` (any
+    names, classes never trained on included). Returns [(path, [(class name, probability), ...] top-k first)]; the
+    probabilities are the softmax of the CLIP logits over the whole class list. Batched, on CUDA when present."""
+    from tqdm import tqdm
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = read_run(checkpoint, method)
+    if classes is None and "classnames" not in ckpt:
+        raise clip_model.CheckpointError(f"--checkpoint {checkpoint} records no class list; pass --classes FILE")
+    classnames = list(classes) if classes is not None else ckpt["classnames"]
+    data.check_class_list(classnames, "--classes")
+    images = image_files(paths)  # every input is checked before the backbone is loaded
+    clip = clip_model.load(backbone or ckpt["config"]["backbone"], device=device)
+    learner = checkpoint_learner(ckpt, clip, classnames, ckpt["config"]["dataset"]).eval()
+    items = [data.Datum(path, 0, "") for path in images]
+    if num_workers is None:  # loader processes pay off only over several batches; never more than the cores
+        num_workers = min(data.NUM_WORKERS, os.cpu_count() or 1) if len(items) > batch_size else 0
+    loader = data.build_loader(items, train=False, batch_size=batch_size, size=clip.visual.input_resolution,
+                               num_workers=num_workers)
+    k, results = min(topk, len(classnames)), []
+    for batch in tqdm(loader, desc="predict", disable=not progress or len(loader) < 2, leave=False):
+        with torch.autocast(device_type=device, enabled=device == "cuda"):
+            logits = learner(batch["img"].to(device, non_blocking=True)).logits  # (B, C)
+        probs, idx = logits.float().softmax(-1).topk(k, dim=-1)  # (B, k) each
+        for i, p, c in zip(batch["index"].tolist(), probs.tolist(), idx.tolist()):
+            results.append((images[i], [(classnames[j], q) for j, q in zip(c, p)]))
+    return results
+
+
+def prediction_table(results) -> str:
+    """One row per image: its path, then the top-k class names with their probabilities, in aligned columns."""
+    rows = [["image", *(f"top-{i + 1}" for i in range(len(results[0][1])))]]
+    rows += [[path, *(f"{name} {p:.3f}" for name, p in top)] for path, top in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def main(argv=None):
@@ -186,6 +284,19 @@ def main(argv=None):
     ev.add_argument("--subsample", default="new", choices=["base", "new", "all"])
     ev.add_argument("--backbone", default=None, help="default: the one the checkpoint was trained with")
     ev.add_argument("--num-workers", type=int, default=data.NUM_WORKERS)
+    pr = sub.add_parser("predict", help="classify images with a run's trained prompts")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    pr.add_argument("--checkpoint", required=True, help="a train.py run folder (or its prompts.pt)")
+    pr.add_argument("--classes", default=None, help="class list, one name a line (default: the run's classes); "
+                    "classes never trained on are welcome")
+    pr.add_argument("--topk", type=int, default=5, help="classes shown per image")
+    pr.add_argument("--json", action="store_true", help="JSON lines: {image, predictions: [{class, probability}]}")
+    pr.add_argument("--method", default=None, help="check that the run was trained with this method")
+    pr.add_argument("--backbone", default=None, help="default: the one the run was trained with")
+    pr.add_argument("--batch-size", type=int, default=data.TEST_BATCH_SIZE)
+    pr.add_argument("--num-workers", type=int, default=None, help="loader processes (default: up to "
+                    f"{data.NUM_WORKERS}, one per core, none for a single batch)")
+    pr.add_argument("--no-progress", action="store_true")
     table = sub.add_parser("table", help="aggregate an output tree into a markdown table")
     table.add_argument("--output", default="output/base2new")
     args = parser.parse_args(argv)
@@ -194,6 +305,18 @@ def main(argv=None):
         if not runs and not dg_runs:
             raise FileNotFoundError(f"no results.json of train.py runs under {args.output}")
         print("\n\n".join(([markdown_table(runs)] if runs else []) + ([dg_table(dg_runs)] if dg_runs else [])))
+        return
+    if args.command == "predict":
+        if args.topk < 1:
+            parser.error(f"--topk {args.topk}: give a number of classes of at least 1")
+        classes = data.read_class_list(args.classes) if args.classes else None
+        results = predict_images(args.checkpoint, args.paths, classes, args.topk, args.backbone, args.batch_size,
+                                 args.num_workers, not args.no_progress, args.method)
+        if args.json:
+            print("\n".join(json.dumps({"image": path, "predictions": [{"class": c, "probability": p} for c, p in top]})
+                            for path, top in results))
+        else:
+            print(prediction_table(results))
         return
     metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.subsample, args.backbone,
                                   args.num_workers)
@@ -205,4 +328,4 @@ if __name__ == "__main__":
     try:
         main()
     except (data.DataError, clip_model.CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {data.error_line(e)}")

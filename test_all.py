@@ -12,6 +12,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -818,7 +819,7 @@ def test_corrupt_image_names_the_file(tmp_path):
 
 def test_more_shots_than_images_takes_all_with_warning():
     items = [data.Datum(f"{i}.jpg", i % 2, f"c{i % 2}") for i in range(5)]  # class 0: 3 items, class 1: 2
-    with pytest.warns(UserWarning, match=r"class 1 \(c1\) has 2 images, fewer than 3 shots"):
+    with pytest.warns(UserWarning, match=r"1 class\(es\) with fewer than 3 images, taking all of them \(Dassl behaviour\): c1 has 2$"):
         drawn = data.generate_fewshot(items, 3, random.Random(1))
     assert sorted(d.impath for d in drawn) == [f"{i}.jpg" for i in range(5)]
 
@@ -2724,3 +2725,252 @@ def test_default_run_finishes_and_writes_results(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 8 * (24 * 16 // 4)  # 8 epochs of 96 batches of 4 (16 shots of 24 base classes)
     assert {"task", "reg", "meta", "accuracy", "lr", "seconds"} <= set(log[-1])
+
+
+# --- your own images: --dataset folder and eval.py predict (issue #17) -------------------------------------------
+def own_folder(folder, counts, size=(16, 16)):
+    """Class folders of drawn images, `counts` = {folder name: number of images}, files 000.png, 001.png, ..."""
+    rng = random.Random(0)
+    for name, n in counts.items():
+        (Path(folder) / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            data.draw_shape((200, 40, 40), "circle", size, rng).save(Path(folder) / name / f"{i:03d}.png")
+    return Path(folder)
+
+
+def relative(items, folder):
+    return [(Path(d.impath).relative_to(folder).as_posix(), d.label, d.classname) for d in items]
+
+
+def test_image_folder_split_is_stratified_deterministic_written_once_and_editable(tmp_path):
+    counts = {"golden_retriever": 10, "tabby-cat": 7, "red fox": 5}
+    mine = own_folder(tmp_path / "mine", counts)
+    (mine / "tabby-cat" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) under .* that are not images .*notes\.txt"):
+        splits = data.build_dataset("folder", mine, shots=0)
+    assert splits.classnames == ["golden retriever", "red fox", "tabby cat"]  # sorted folders, "_" and "-" as spaces
+    # CoOp's 50/20/30 of every class by Python's round, by hand: 10 -> 5/2/3, 5 -> 2/1/2 (round(2.5) = 2), 7 -> 4/1/2
+    for label, (folder, expected) in enumerate([("golden_retriever", (5, 2, 3)), ("red fox", (2, 1, 2)),
+                                                ("tabby-cat", (4, 1, 2))]):
+        parts = [[d for d in part if d.label == label] for part in splits[:3]]
+        assert tuple(map(len, parts)) == expected
+        assert sorted(Path(d.impath).name for part in parts for d in part) == [f"{i:03d}.png"
+                                                                                  for i in range(counts[folder])]
+    split_file = mine / "split.json"
+    written = json.loads(split_file.read_text())
+    assert set(written) == {"train", "val", "test"}  # CoOp's format: [relative path, label, class name]
+    assert sorted(map(tuple, written["test"])) == sorted(relative(splits.test, mine))
+    # deterministic: a copy of the same images is split the same way
+    shutil.copytree(mine, tmp_path / "copy", ignore=shutil.ignore_patterns("split.json", "split_fewshot"))
+    with pytest.warns(UserWarning, match="skipped 1 file"):
+        data.build_dataset("folder", tmp_path / "copy", shots=0)
+    assert (tmp_path / "copy" / "split.json").read_text() == split_file.read_text()
+    # written once, then reused
+    stamp = split_file.stat().st_mtime_ns
+    with pytest.warns(UserWarning, match="skipped 1 file"):
+        assert data.build_dataset("folder", mine, shots=0) == splits
+    assert split_file.stat().st_mtime_ns == stamp
+    (mine / "tabby-cat" / "notes.txt").unlink()
+    # edited by hand: an image moved from train to test, a class renamed; the few-shot draw follows the edit
+    moved = written["train"].pop(0)
+    written["test"].append(moved)
+    for part in written.values():
+        for entry in part:
+            entry[2] = "fox" if entry[1] == 1 else entry[2]
+    split_file.write_text(json.dumps(written))
+    with pytest.warns(UserWarning, match="fewer than 8 images"):
+        edited = data.build_dataset("folder", mine, shots=8)
+    assert edited.classnames == ["golden retriever", "fox", "tabby cat"]
+    assert moved[0] not in [path for path, *_ in relative(edited.train, mine)]
+    assert moved[0] in [path for path, *_ in relative(edited.test, mine)]
+    assert len(edited.train) == 5 - (moved[1] == 0) + 2 - (moved[1] == 1) + 4 - (moved[1] == 2)  # all, fewer than 8
+    # images added after the split are named in a notice, and stay out until split.json is edited or deleted
+    own_folder(tmp_path / "extra", {"red fox": 6})
+    shutil.copy(tmp_path / "extra" / "red fox" / "005.png", mine / "red fox" / "new.png")
+    with pytest.warns(UserWarning, match=r"1 images under .* are not in split\.json, e\.g\. .*new\.png"):
+        data.build_dataset("folder", mine, shots=0)
+
+
+def test_image_folder_classnames_file_overrides_folder_names(tmp_path):
+    mine = own_folder(tmp_path / "mine", {"golden_retriever": 2, "tabby-cat": 2, "red fox": 2})
+    (mine / "classnames.txt").write_text("red fox\tfox\ntabby-cat house cat\n\n")
+    assert data.build_dataset("folder", mine, shots=0).classnames == ["golden retriever", "fox", "house cat"]
+    (mine / "classnames.txt").write_text("golden_retriever dog\n")  # also over an existing split.json
+    assert data.build_dataset("folder", mine, shots=0).classnames == ["dog", "red fox", "tabby cat"]
+
+
+def test_image_folder_with_split_folders_is_used_as_given(tmp_path):
+    mine = tmp_path / "mine"
+    layout = {"train": {"ant": 5, "bee": 3}, "val": {"ant": 1, "bee": 1}, "test": {"ant": 2, "bee": 4}}
+    for split, counts in layout.items():
+        own_folder(mine / split, counts)
+    splits = data.build_dataset("folder", mine, shots=0)
+    for split, items in zip(("train", "val", "test"), splits[:3]):
+        assert sorted(relative(items, mine)) == sorted((f"{split}/{c}/{i:03d}.png", ["ant", "bee"].index(c), c)
+                                                       for c, n in layout[split].items() for i in range(n))
+    assert not (mine / "split.json").exists()
+    shutil.rmtree(mine / "val")  # no val/: CoOp's split_trainval holds round(20%) of each class out of train
+    train, val, test, _ = data.build_dataset("folder", mine, shots=0)
+    assert [sum(d.label == c for d in val) for c in (0, 1)] == [1, 1]  # round(1.0), round(0.6)
+    assert [sum(d.label == c for d in train) for c in (0, 1)] == [4, 2] and len(test) == 6
+    assert {d.impath for d in train + val} == {os.path.join(mine, "train", c, f"{i:03d}.png")
+                                               for c, n in layout["train"].items() for i in range(n)}
+
+
+def test_image_folder_fewer_images_than_shots_takes_all_and_names_the_class(tmp_path):
+    mine = own_folder(tmp_path / "mine", {"ant": 40, "bee": 6})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = data.build_dataset("folder", mine, shots=16)
+    assert [str(w.message) for w in caught] == [  # once, for the training draw (bee: 3 of 6 images in train)
+        "1 class(es) with fewer than 16 images, taking all of them (Dassl behaviour): bee has 3"]
+    assert [sum(d.label == c for d in splits.train) for c in (0, 1)] == [16, 3]
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "ivlp", "promptsrc", "prometar", "metaprompt", "coop+gram"])
+def test_every_method_trains_on_an_image_folder(harness, gram_pairs, tmp_path, method):
+    import train
+    mine = tmp_path / "mine"
+    shutil.copytree(harness / "data" / "synthetic" / "images", mine)
+    extra = ["--method", method]
+    if method == "coop+gram":
+        train.run(gram_args(harness, gram_pairs, tmp_path / "gram"))
+        extra = ["--method", "coop", "--n-ctx", "4", "--gram", str(tmp_path / "gram" / "gram.pt")]
+    args = run_train(harness, tmp_path / "run", "--dataset", "folder", "--root", str(mine), "--epochs", "1", *extra)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["splits"]) == {"base", "new"} and results["config"]["dataset"] == "folder"
+    assert len(read_log(tmp_path / "run")) == (0 if method == "zeroshot" else math.ceil(3 * 4 / args.batch_size))
+    saved = torch.load(tmp_path / "run" / "prompts.pt", weights_only=True)
+    assert saved["classnames"] == ["blue circle", "green circle", "green square"]  # the base half of 6 classes
+
+
+def test_prediction_agrees_with_evaluation_and_takes_any_class_list(harness, tmp_path):
+    import eval as evaluation
+    mine = tmp_path / "mine"
+    shutil.copytree(harness / "data" / "synthetic" / "images", mine)
+    run_train(harness, tmp_path / "run", "--dataset", "folder", "--root", str(mine), "--method", "coop",
+              "--n-ctx", "4", "--epochs", "3")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    metrics = evaluation.evaluate_checkpoint(tmp_path / "run" / "prompts.pt", "folder", mine, "base", num_workers=0)
+    assert metrics == results["splits"]["base"]
+    _, _, test, classnames = data.build_dataset("folder", mine, shots=4, subsample="base")
+    predicted = evaluation.predict_images(tmp_path / "run", [d.impath for d in test], topk=10, num_workers=0,
+                                          progress=False)
+    assert [path for path, _ in predicted] == [d.impath for d in test]
+    for _, top in predicted:  # top-10 of 3 classes: all of them, most probable first, probabilities sum to 1
+        assert sorted(name for name, _ in top) == sorted(classnames)
+        assert [p for _, p in top] == sorted((p for _, p in top), reverse=True)
+        assert sum(p for _, p in top) == pytest.approx(1.0, abs=1e-5)
+    accuracy = 100 * statistics.fmean(top[0][0] == classnames[d.label] for (_, top), d in zip(predicted, test))
+    assert accuracy == pytest.approx(metrics["accuracy"]) and 0 < accuracy < 100
+    # any class list, classes never trained on included, through the command line
+    (tmp_path / "names.txt").write_text("purple elephant\nred circle\nblue circle\nyellow square\n\n")
+    result = run_cli("eval.py", "predict", "--checkpoint", tmp_path / "run", test[0].impath, mine / "red_circle",
+                     "--classes", tmp_path / "names.txt", "--topk", "2", "--json", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [test[0].impath] + sorted(str(p) for p in (mine / "red_circle").iterdir())
+    names = ["purple elephant", "red circle", "blue circle", "yellow square"]
+    for line in lines:
+        assert len(line["predictions"]) == 2 and {p["class"] for p in line["predictions"]} <= set(names)
+    # the probabilities are the softmax over the whole list, of the trained CoOp's logits computed here directly
+    learner = prompts.CoOp(clip_model.load(harness / "tiny.pt", device="cpu"), names, n_ctx=4)
+    prompts.load_prompts(learner, torch.load(tmp_path / "run" / "prompts.pt", weights_only=True)["prompts"])
+    image = data.build_transform(False, 32)(data.read_image(test[0].impath))[None]  # (1, 3, 32, 32)
+    with torch.no_grad():
+        expected = learner(image).logits.softmax(-1)[0]  # (4,)
+    for p in lines[0]["predictions"]:
+        assert p["probability"] == pytest.approx(expected[names.index(p["class"])].item(), abs=1e-6)
+    table = run_cli("eval.py", "predict", "--checkpoint", tmp_path / "run", test[0].impath, "--topk", "1", home=tmp_path)
+    assert table.stdout.splitlines()[1].split()[:2] == [test[0].impath, predicted[0][1][0][0].split()[0]]
+
+
+FOLDER_MISTAKES = {  # case: (command line after the script, fragments of the one-line error)
+    "no class folders": ("train.py", ["--root", "{empty}"], ["holds no class folders", "<class>/<image>"]),
+    "empty class folder": ("train.py", ["--root", "{mine}"], ["class folder", "bee", "holds no images"]),
+    "partial split folders": ("train.py", ["--root", "{split}"], ["train/", "but not both train/ and test/"]),
+    "classnames.txt typo": ("train.py", ["--root", "{names}"], ["classnames.txt line 1", "no class folder 'ants'"]),
+    "cross-dataset": ("train.py", ["--root", "{run_data}", "--protocol", "cross_dataset"], ["base2new", "fewshot"]),
+    "truncated image": ("train.py", ["--root", "{broken}", "--num-workers", "2"], ["cannot read image", "/ant/0"]),
+    "duplicate classes": ("eval.py", ["--classes", "{dupes}"], ["'ant' is there twice"]),
+    "empty class name": ("eval.py", ["--classes", "{gaps}"], ["line 2 is empty"]),
+    "missing run": ("eval.py", ["--checkpoint", "{nowhere}"], ["does not exist", "finished train.py run"]),
+    "other method": ("eval.py", ["--method", "ivlp"], ["trained with --method coop, not ivlp"]),
+    "GRAM folder": ("eval.py", ["--checkpoint", "{gram}"], ["GRAM's meta-training", "--gram"]),
+    "unfinished run": ("eval.py", ["--checkpoint", "{unfinished}"], ["unfinished run", "--resume"]),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(harness, tmp_path_factory):
+    """A coop run (0 epochs) on an image folder: a prompts.pt with its config and classes."""
+    folder = tmp_path_factory.mktemp("finished")
+    shutil.copytree(harness / "data" / "synthetic" / "images", folder / "mine")
+    run_train(harness, folder / "run", "--dataset", "folder", "--root", str(folder / "mine"), "--method", "coop",
+              "--n-ctx", "4", "--epochs", "0")
+    return folder
+
+
+@pytest.mark.parametrize("case", FOLDER_MISTAKES)
+def test_image_folder_and_prediction_mistakes_are_one_line(harness, finished_run, tmp_path, case):
+    paths = {"empty": tmp_path / "empty", "mine": tmp_path / "mine", "split": tmp_path / "split",
+             "names": tmp_path / "names", "broken": tmp_path / "broken", "dupes": tmp_path / "dupes.txt",
+             "gaps": tmp_path / "gaps.txt", "nowhere": tmp_path / "nowhere", "gram": tmp_path / "gram",
+             "unfinished": tmp_path / "unfinished", "run_data": finished_run / "mine"}
+    paths["empty"].mkdir()
+    own_folder(paths["mine"], {"ant": 3})
+    (paths["mine"] / "bee").mkdir()
+    own_folder(paths["split"] / "train", {"ant": 3})
+    own_folder(paths["names"], {"ant": 3, "bee": 3})
+    (paths["names"] / "classnames.txt").write_text("ants an ant\n")
+    own_folder(paths["broken"], {"ant": 6, "bee": 6})
+    for image in (paths["broken"] / "ant").iterdir():  # truncated: the header survives, the pixels do not
+        image.write_bytes(image.read_bytes()[:60])
+    paths["dupes"].write_text("ant\nbee\nant\n")
+    paths["gaps"].write_text("ant\n\nbee\n")
+    paths["gram"].mkdir()
+    torch.save({"prompts": {}, "regulators": {}, "config": {"base": "coop"}}, paths["gram"] / "gram.pt")
+    paths["unfinished"].mkdir()
+    shutil.copy(finished_run / "run" / "prompts.pt", paths["unfinished"] / "checkpoint.pt")
+    script, argv, fragments = FOLDER_MISTAKES[case]
+    argv = [a.format(**paths) for a in argv]
+    if script == "train.py":
+        command = ["--dataset", "folder", "--method", "coop", "--backbone", harness / "tiny.pt", "--shots", "2",
+                   "--n-ctx", "4", "--epochs", "1", "--output-dir", tmp_path / "out", "--no-progress", *argv]
+    else:
+        command = ["predict", "--checkpoint", finished_run / "run", *argv, own_folder(tmp_path / "images", {"x": 1})]
+    assert_one_line_error(run_cli(script, *command, home=tmp_path), *fragments)
+
+
+def test_template_flag_sets_the_hand_made_prompts(harness, tmp_path, monkeypatch):
+    """--template is the zero-shot prompt (in training and in eval.py, from the run's config) and the frozen
+    teacher's; checked against zero-shot CLIP with that template, computed here."""
+    import eval as evaluation
+    import train
+    mine = tmp_path / "mine"
+    shutil.copytree(harness / "data" / "synthetic" / "images", mine)
+    template = "a drawing of a {}, in colour."
+    args = run_train(harness, tmp_path / "run", "--dataset", "folder", "--root", str(mine), "--method", "zeroshot",
+                     "--template", template)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["splits"]
+    clip = clip_model.load(harness / "tiny.pt", device="cpu")
+    for subsample in ("base", "new"):
+        _, _, test, names = data.build_dataset("folder", mine, shots=4, subsample=subsample)
+        loader = data.build_loader(test, train=False, size=32, num_workers=0)
+        reference = prompts.ZeroShotCLIP(clip, names, [template])
+        assert data.classification_metrics(*prompts.predict(reference, loader, "cpu")) == results[subsample]
+        ours = train.learner_for(args, clip, "folder", names).text_features
+        assert torch.allclose(ours, reference.text_features)
+        assert not torch.allclose(ours, prompts.ZeroShotCLIP(clip, names, ["a photo of a {}."]).text_features)
+    assert evaluation.evaluate_checkpoint(tmp_path / "run" / "prompts.pt", "folder", mine, "new", num_workers=0) == \
+        results["new"]
+    seen = []
+    teacher = prompts.FrozenTeacher
+    monkeypatch.setattr(prompts, "FrozenTeacher", lambda clip, names, templates: seen.append(templates) or
+                        teacher(clip, names, templates))
+    run_train(harness, tmp_path / "src", "--dataset", "folder", "--root", str(mine), "--method", "promptsrc",
+              "--epochs", "0", "--template", template)
+    run_train(harness, tmp_path / "src0", "--method", "promptsrc", "--epochs", "0")
+    assert seen == [[template], data.IMAGENET_TEMPLATES_PROMPTSRC]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--template", "a photo of a cat."])

@@ -13,6 +13,8 @@ MetaPrompt (arXiv:2212.04196v2, TIP 2024): `--method metaprompt`, the released i
 in-domain step, then the domain-split meta update of `meta.py` (class halves in base-to-new, leave-one-domain-out
 in `--protocol multi_source_dg`, which `--target-domain all` runs for every held-out domain); the released code's
 behaviours are flags, `--metaprompt-clean` turns them all off.
+Your own images: `--dataset folder --root DIR` (DIR/<class>/<image>, see data.read_folder), `--template` for the
+hand-made prompts; the class list is saved with the prompts for `eval.py predict`.
 Every input that needs no download (datasets, folders, shots, target domain, backbone, checkpoint) is checked before
 the backbone is loaded (`check_inputs`); each run folder gets `log.jsonl`, one JSON line per iteration.
 GRAM (arXiv:2303.06571v2; no released code, its form from SUPMER's): `--method gram --pairs PAIRS.csv` meta-trains a
@@ -87,8 +89,10 @@ PROTOCOL_EVAL = {"cross_dataset": ["caltech101", "oxford_pets", "stanford_cars",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="world", help="training dataset (data.DATASETS); world = offline testbed")
-    p.add_argument("--root", default="data", help="folder holding the datasets in CoOp's layout")
+    p.add_argument("--dataset", default="world", help="training dataset (data.DATASETS); world = offline testbed; "
+                   "folder = your own images in --root DIR (DIR/<class>/<image>)")
+    p.add_argument("--root", default="data", help="folder holding the datasets in CoOp's layout (--dataset folder: "
+                   "the image folder)")
     p.add_argument("--method", default="prometar", choices=METHODS)
     p.add_argument("--protocol", default=None, choices=PROTOCOLS,
                    help="default: multi_source_dg for a DG suite (pacs, vlcs, office_home, domainnet, world_styles, "
@@ -106,6 +110,9 @@ def parse_args(argv=None):
     p.add_argument("--ctx-init", default="", help='words for the initial context, e.g. "a photo of a"')
     p.add_argument("--class-specific", action="store_true", help="CoOp class-specific context (CSC)")
     p.add_argument("--class-token-position", default="end", choices=prompts.CLASS_TOKEN_POSITIONS)
+    p.add_argument("--template", default=None, help='hand-made prompt of zero-shot CLIP, of MetaPrompt\'s frozen branch '
+                   'and of the frozen teacher (PromptSRC, ProMetaR), "{}" for the class name; default: CoOp\'s for '
+                   'the dataset ("a photo of a {}." for --dataset folder), the teachers\' own ensembles')
     p.add_argument("--n-ctx-text", type=int, default=None, help="text prompt tokens (PromptSRC: 4; MetaPrompt: 2)")
     p.add_argument("--n-ctx-vision", type=int, default=None, help="vision prompt tokens (PromptSRC: 4; MetaPrompt: 2)")
     p.add_argument("--text-depth", type=int, default=None, help="text prompt depth (PromptSRC: 9; MetaPrompt: 12, "
@@ -191,6 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs)")
     args = p.parse_args(argv)
+    if args.template is not None and args.template.count("{}") != 1:
+        p.error(f'--template {args.template!r} must hold "{{}}" once, where the class name goes, e.g. "a photo of a {{}}."')
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint (a prompts.pt or checkpoint.pt written by train.py)")
     for flag in ("shots", "epochs", "batch_size", "n_ctx", "n_ctx_text", "n_ctx_vision", "num_workers"):
@@ -204,7 +213,9 @@ def parse_args(argv=None):
     dg_config = METAPROMPT_DG_DEFAULTS if args.method == "metaprompt" and args.protocol == "multi_source_dg" else {}
     args.base = args.base or ("coop" if args.method == "gram" else "ivlp")
     method = args.base if args.method == "gram" else args.method  # GRAM meta-trains its base's prompts
-    on_testbed = args.dataset in TESTBED_DATASETS and (args.method != "gram" or args.backbone is None)
+    testbed_backbone = args.backbone is not None and is_testbed_backbone(args.backbone)
+    on_testbed = (args.dataset in TESTBED_DATASETS and (args.method != "gram" or args.backbone is None)) or \
+        testbed_backbone  # the shipped small CLIP on any dataset (your own folder too) gets the testbed's settings
     defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[method], **dg_config,
                 **(TESTBED_DEFAULTS if on_testbed else {}),
                 **(TESTBED_DG_DEFAULTS if args.dataset == "world_styles" else {})}
@@ -226,8 +237,9 @@ def parse_args(argv=None):
     if args.method == "gram":
         args.output_dir = args.output_dir or os.path.join("output", "gram", Path(args.pairs).stem, args.base,
                                                           f"seed_{args.seed}")
+    dataset_folder = Path(args.root).resolve().name if args.dataset == "folder" else args.dataset
     args.output_dir = args.output_dir or os.path.join(
-        "output", args.protocol, args.dataset, args.method, f"shots_{args.shots}", f"seed_{args.seed}",
+        "output", args.protocol, dataset_folder, args.method, f"shots_{args.shots}", f"seed_{args.seed}",
         *([str(args.target_domain)] if args.protocol == "multi_source_dg" and args.target_domain else []))
     return args
 
@@ -245,6 +257,10 @@ def check_inputs(args):
     if args.dataset in TESTBED_DATASETS:  # the offline testbed is made, not downloaded
         testbed.ensure_dataset(args.dataset, args.root)
     domains = data.get_spec(args.dataset).domains
+    if args.dataset == "folder" and args.protocol not in ("base2new", "fewshot"):
+        raise data.DataError(f"--dataset folder trains and tests on the images in --root: use --protocol base2new "
+                             f"(train on half of the classes, test on both halves) or fewshot (all classes), not "
+                             f"{args.protocol}")
     if args.protocol == "multi_source_dg" and not domains:
         suites = ", ".join(n for n, s in data.DATASETS.items() if s.domains)
         raise data.DataError(f"{args.dataset} has no domains; multi-source DG needs one of: {suites}")
@@ -267,8 +283,13 @@ def check_backbone(backbone):
     if backbone not in clip_model.MODELS and not Path(backbone).expanduser().is_file():
         raise clip_model.CheckpointError(f"--backbone {backbone} is neither a CLIP model name "
                                          f"({', '.join(clip_model.MODELS)}) nor an existing checkpoint file")
-    if os.path.abspath(backbone) == TESTBED_CHECKPOINT:  # the shipped file must be the one that was pretrained
+    if is_testbed_backbone(backbone):  # the shipped file must be the one that was pretrained
         testbed.check_checkpoint(TESTBED_CHECKPOINT)
+
+
+def is_testbed_backbone(backbone) -> bool:
+    """Whether --backbone is the shipped small CLIP (by any path to it)."""
+    return os.path.realpath(str(backbone)) == os.path.realpath(TESTBED_CHECKPOINT)
 
 
 def backbone_fingerprint(backbone) -> str:
@@ -331,8 +352,7 @@ def dassl_lr(epoch: int, base_lr: float, epochs: int) -> float:
 
 
 def learner_for(args, clip, dataset, classnames):
-    templates = data.metaprompt_templates(dataset) if args.method == "metaprompt" else \
-        [data.zero_shot_template(dataset)]
+    templates = data.hand_templates(dataset, args.method, args.template)
     method = args.base if args.method == "prometar" else args.method  # ProMetaR trains IVLP's (or CoOp's) prompts
     return prompts.build_learner(method, clip, classnames, templates, n_ctx=args.n_ctx, ctx_init=args.ctx_init,
                                  class_specific=args.class_specific, class_token_position=args.class_token_position,
@@ -576,8 +596,8 @@ def main(args):
                                                  target_domain=args.target_domain)
     learner = learner_for(args, clip, args.dataset, classnames)
     params = prompts.prompt_parameters(learner)
-    teacher = prompts.FrozenTeacher(clip, classnames, data.IMAGENET_TEMPLATES_PROMPTSRC) \
-        if args.method in ("promptsrc", "prometar") else None
+    teacher = prompts.FrozenTeacher(clip, classnames, [args.template] if args.template else
+                                    data.IMAGENET_TEMPLATES_PROMPTSRC) if args.method in ("promptsrc", "prometar") else None
     gpa_weights = prompts.gaussian_epoch_weights(args.epochs, GPA_MEAN, GPA_STD) \
         if args.method == "promptsrc" else None
     gate = meta.GradientModulator({k: v.shape for k, v in params.items()}, args.dim_rate).to(device) \
@@ -626,14 +646,15 @@ def main(args):
         if gpa_weights is not None:
             snapshots.append({k: v.detach().clone() for k, v in params.items()})
         save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "optimizer": optimizer.state_dict(),
-                     "epoch": epoch + 1, "snapshots": snapshots, "config": vars(args),
+                     "epoch": epoch + 1, "snapshots": snapshots, "config": vars(args), "classnames": classnames,
                      "gate": gate.state_dict() if gate is not None else None,
                      "gate_optimizer": gate_optimizer.state_dict() if gate is not None else None}, ckpt_path)
     log.close()
     if gpa_weights is not None and snapshots:  # PromptSRC Sec. 3.3: the final prompts are the Gaussian average
         prompts.load_prompts(learner, prompts.aggregate_prompts(snapshots, gpa_weights))
     final = {k: v.detach() for k, v in prompts.prompt_parameters(learner).items()}
-    save_atomic({"prompts": final, "config": vars(args)}, os.path.join(args.output_dir, "prompts.pt"))
+    save_atomic({"prompts": final, "config": vars(args), "classnames": classnames},
+                os.path.join(args.output_dir, "prompts.pt"))
     splits = {name: evaluate(args, clip, final, dataset, subsample, device, target)
               for name, dataset, subsample, target in evaluation_targets(args)}
     results = write_results(args, splits, device, time.time() - start_time)
@@ -881,4 +902,4 @@ if __name__ == "__main__":
     try:
         run(parse_args())
     except (data.DataError, clip_model.CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {data.error_line(e)}")
