@@ -4,13 +4,13 @@
 the image forward (batch 4, 224 px) and the text forward for 47 prompts (DTD's class count) with and without
 truncation to the longest prompt. Each case runs in a fresh process, so its peak resident memory (ru_maxrss,
 weights included) is its own. Reported time: median over repeats after one warm-up, under `torch.no_grad()`.
-`python benchmark.py methods` times one training iteration of CoOp, IVLP, PromptSRC and ProMetaR (step A + the
-second-order meta step) at ViT-B/16, batch 4, 24 classes (DTD's base classes, the setting
+`python benchmark.py methods` times one training iteration of CoOp, CoCoOp, IVLP, MaPLe, PromptSRC and ProMetaR (step A
++ the second-order meta step) at ViT-B/16, batch 4 for every method (CoCoOp's config trains with batch 1), 24 classes (DTD's base classes, the setting
 where the official ProMetaR code, mlvlab/ProMetaR @ c907bdb, took 41 s and 12.8 GB per iteration on a 2-core CPU),
 the same way.
 
-`python benchmark.py testbed` trains and evaluates zero-shot CLIP, CoOp, IVLP, ProMetaR and MetaPrompt on the offline
-testbed with the shipped small CLIP and each method's testbed defaults from train.py, for seeds 1, 2, 3: base-to-new
+`python benchmark.py testbed` trains and evaluates zero-shot CLIP, CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, ProMetaR and
+MetaPrompt on the offline testbed with the shipped small CLIP and each method's testbed defaults from train.py, for seeds 1, 2, 3: base-to-new
 on `world` (base / new / HM, mean ± std over the seeds), and leave-one-style-out multi-source DG on `world_styles`
 with 1 and 5 shots per class and source style (accuracy per held-out style and the average). The README's testbed
 tables come from this command; a run whose results.json exists is not run again, so an interrupted call resumes.
@@ -46,7 +46,8 @@ VIT_B16 = {"embed_dim": 512, "image_resolution": 224, "vision_layers": 12, "visi
 DTD_CLASSES = 47  # DTD (CoOp split_zhou_DescribableTextures.json)
 BATCH = 4  # ProMetaR / PromptSRC configs DATALOADER.TRAIN_X.BATCH_SIZE
 BASE_CLASSES = 24  # DTD base classes: ceil(47 / 2) (CoCoOp subsample_classes)
-CASES = {"clip": ("image", "text_truncated", "text_full"), "methods": ("coop", "ivlp", "promptsrc", "prometar")}
+CASES = {"clip": ("image", "text_truncated", "text_full"),
+         "methods": ("coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar")}
 
 
 def training_step(method: str, model):
@@ -90,7 +91,7 @@ def run_case(case: str, repeats: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-TESTBED_METHODS = ("zeroshot", "coop", "ivlp", "prometar", "metaprompt")
+TESTBED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt")
 DG_SHOTS = (1, 5)  # MetaPrompt's DG table: 1 and 5 shots per class and source domain
 
 

@@ -1,7 +1,12 @@
-"""Prompt learners for a frozen CLIP: zero-shot templates, CoOp, IVLP, and PromptSRC's self-regularization.
+"""Prompt learners for a frozen CLIP: zero-shot templates, CoOp, CoCoOp, IVLP, MaPLe, MetaPrompt's deep prompts,
+and PromptSRC's self-regularization.
 
 Papers:
   - CoOp: Zhou et al., "Learning to Prompt for Vision-Language Models", arXiv:2109.01134v6 (Sec. 3.2).
+  - CoCoOp: Zhou et al., "Conditional Prompt Learning for Vision-Language Models", arXiv:2203.05557v2 (Sec. 3.2:
+    a meta-net turns each image into a bias of the context; KaiyangZhou/CoOp trainers/cocoop.py).
+  - MaPLe: Khattak et al., "MaPLe: Multi-modal Prompt Learning", arXiv:2210.03117v3 (Sec. 3.2: deep text prompts,
+    vision prompts coupled to them by linear functions; muzairkhattak/multimodal-prompt-learning trainers/maple.py).
   - IVLP: Khattak et al., "MaPLe: Multi-modal Prompt Learning", arXiv:2210.03117v3 (Sec. 4, "Independent V-L
     prompting", the baseline of PromptSRC and the base of ProMetaR).
   - PromptSRC: Khattak et al., "Self-regulating Prompts: Foundational Model Adaptation without Forgetting",
@@ -9,13 +14,15 @@ Papers:
 Each learner is an `nn.Module` whose only trainable parameters are prompts; the CLIP it wraps is frozen. Class-list
 dependent tensors (token embeddings around the prompts, frozen teacher text features) are computed once, when the
 learner is built for a class list; to evaluate on other classes, build a learner for them and load the prompts.
-Not included: CoCoOp's meta-net and MaPLe's coupling functions (not needed by ProMetaR, MetaPrompt or GRAM).
+Not included: CoCoOp's and MaPLe's use inside ProMetaR or GRAM (the papers build on CoOp and IVLP).
 
 Shape legend: B images, C classes, M prompt tokens, L token length, D text width, Dv vision width, E embed dim,
 K templates.
 """
 
+import copy
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -64,7 +71,7 @@ class PromptedOutput(NamedTuple):
 
     logits: torch.Tensor  # (B, C) CLIP logits of the normalised features
     image_features: torch.Tensor  # (B, E) before normalisation (ProMetaR's manifold mixup mixes these)
-    text_features: torch.Tensor  # (C, E) normalised
+    text_features: torch.Tensor  # (C, E) normalised; CoCoOp: (B, C, E), per image
     contexts: dict | None = None  # {"text": (D,), "vision": (Dv,)} when asked for (GRAM's regulator contexts)
 
 
@@ -113,13 +120,16 @@ class ZeroShotCLIP(nn.Module):
 
 
 def word_embeddings(clip, words: str, n_ctx: int | None = None) -> torch.Tensor:
-    """Token embeddings of the first n_ctx tokens of `words` (all by default), e.g. "a photo of a" -> (4, D)
-    (CoOp / IVLP ctx_init: the context starts as these words; any further words stay fixed in the prompt)."""
+    """Token embeddings of the first n_ctx tokens of `words`, e.g. "a photo of a" -> (4, D) (CoOp / IVLP / MaPLe
+    ctx_init: the context starts as these tokens; the rest of the words stay fixed in the prompt). By default n_ctx
+    is the number of space-separated words, as CoOp's and CoCoOp's `len(ctx_init.split(" "))` ("_" read as " "):
+    "itap of a" gives 3 vectors ("it", "ap", "of") and leaves "a" fixed."""
+    words = words.replace("_", " ")
     ids = clip_model.tokenize(words, context_length=clip.context_length)[0]  # (L,)
-    n_words = int(ids.argmax()) - 1  # tokens between SOT and EOT
-    n_ctx = n_words if n_ctx is None else n_ctx
-    if n_ctx > n_words:
-        raise ValueError(f"ctx_init {words!r} has {n_words} tokens, fewer than n_ctx={n_ctx}")
+    n_tokens = int(ids.argmax()) - 1  # tokens between SOT and EOT
+    n_ctx = len(words.split(" ")) if n_ctx is None else n_ctx
+    if n_ctx > n_tokens:
+        raise ValueError(f"ctx_init {words!r} has {n_tokens} tokens, fewer than n_ctx={n_ctx}")
     with torch.no_grad():
         return clip.token_embedding(ids[1:1 + n_ctx].to(clip.positional_embedding.device)).clone()  # (M, D)
 
@@ -133,7 +143,7 @@ class TextPrompts(nn.Module):
                  template: str = "{prefix} {name}."):
         super().__init__()
         names = [clean_classname(c) for c in classnames]
-        prompt_prefix = prompt_prefix or " ".join(["X"] * n_ctx)  # words after the first n_ctx stay fixed
+        prompt_prefix = (prompt_prefix or " ".join(["X"] * n_ctx)).replace("_", " ")  # tokens after n_ctx: fixed
         tokenized = clip_model.tokenize([template.format(prefix=prompt_prefix, name=name) for name in names],
                                         context_length=clip.context_length, truncate=truncate)  # (C, L)
         tokenized = tokenized.to(clip.positional_embedding.device)
@@ -277,6 +287,85 @@ class IVLP(nn.Module):
         if captions is not None:
             return PairOutput(image_features, text_features, contexts)
         return prompted_output(self.clip, image_features, F.normalize(text_features, dim=-1), contexts)
+
+
+COCOOP_TEXT_BATCH = 4096  # ours: prompted class sequences per text pass (images x classes), to bound memory
+
+
+class CoCoOp(nn.Module):
+    """CoCoOp (arXiv:2203.05557v2 Sec. 3.2): each image's context is v_m(x) = v_m + pi(x), pi = h(f(x)) a meta-net
+    (Linear(E, E/16)-ReLU-Linear(E/16, D), cocoop.py `meta_net`) of the normalised image feature, so every image gets
+    text features of its own for every class. Context from `ctx_init` ("a photo of a": M = its word count, as CoOp)
+    or N(0, 0.02). The official loop runs the text encoder image by image; here a batch's images share one text
+    pass of B x C prompts (chunked at COCOOP_TEXT_BATCH sequences), truncated after the last end-of-text token."""
+
+    def __init__(self, clip, classnames, n_ctx: int = 4, ctx_init: str | None = "a photo of a"):
+        super().__init__()
+        self.clip = freeze(clip)
+        device, width, embed = clip.positional_embedding.device, clip.ln_final.weight.shape[0], clip.visual.proj.shape[1]
+        ctx = word_embeddings(clip, ctx_init) if ctx_init else \
+            torch.randn(n_ctx, width, device=device) * PROMPT_INIT_STD
+        self.ctx = nn.Parameter(ctx)  # (M, D)
+        self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(embed, embed // 16)), ("relu", nn.ReLU()),
+                                                   ("linear2", nn.Linear(embed // 16, width))])).to(device)
+        self.text = TextPrompts(clip, classnames, self.ctx.shape[0], ctx_init)
+
+    def conditional_text(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Normalised text features (N, C, E) of every class under each of N contexts ctx (N, M, D), in one pass."""
+        prefix, suffix = self.text.token_prefix, self.text.token_suffix  # (C, 1, D), (C, S, D)
+        n, n_cls = ctx.shape[0], prefix.shape[0]
+        ctx = ctx.to(prefix.dtype)[:, None].expand(-1, n_cls, -1, -1)  # (N, C, M, D)
+        x = torch.cat([prefix.expand(n, -1, -1, -1), ctx, suffix.expand(n, -1, -1, -1)], dim=2)  # (N, C, L', D)
+        features = self.clip.encode_text_embeddings(x.flatten(0, 1), self.text.eot_idx.repeat(n))  # (N*C, E)
+        return F.normalize(features, dim=-1).view(n, n_cls, -1)
+
+    def forward(self, images: torch.Tensor) -> PromptedOutput:
+        """PromptedOutput with per-image text features (B, C, E)."""
+        image_features = self.clip.encode_image(images)  # (B, E)
+        normalized = F.normalize(image_features, dim=-1)
+        ctx = self.ctx + self.meta_net(normalized)[:, None]  # (B, M, D): the bias pi(x) shifts every context vector
+        chunk = max(1, COCOOP_TEXT_BATCH // self.text.token_prefix.shape[0])
+        text_features = torch.cat([self.conditional_text(c) for c in ctx.split(chunk)])  # (B, C, E)
+        logits = self.clip.logit_scale.exp() * torch.einsum("be,bce->bc", normalized, text_features.to(normalized.dtype))
+        return PromptedOutput(logits, image_features, text_features)
+
+
+class MaPLe(nn.Module):
+    """MaPLe (arXiv:2210.03117v3 Sec. 3.2): text prompts P_0..P_{J-1} (M, D) at positions 1..M of the first J text
+    layers (P_0 = the first M words of `ctx_init`, the rest of the words fixed in the prompt; P_j N(0, 0.02)); the
+    vision prompts are never free: P~_j = F_j(P_j), F_j a linear coupling D -> Dv, appended after [CLS, patches] and
+    replaced before each vision block j < J (maple.py `MultiModalPromptLearner`, `proj`,
+    `compound_prompt_projections`). `cloned_couplings`: the release makes F_1..F_{J-1} deep copies of one freshly
+    initialised layer (maple.py `_get_clones`), so they start equal; False draws each one afresh."""
+
+    def __init__(self, clip, classnames, n_ctx: int = 2, depth: int = 9, ctx_init: str | None = "a photo of a",
+                 cloned_couplings: bool = True):
+        super().__init__()
+        self.clip = freeze(clip)
+        device, width = clip.positional_embedding.device, clip.ln_final.weight.shape[0]
+        vision_width = clip.visual.conv1.weight.shape[0]
+        ctx = word_embeddings(clip, ctx_init, n_ctx) if ctx_init else \
+            torch.randn(n_ctx, width, device=device) * PROMPT_INIT_STD
+        self.ctx = nn.Parameter(ctx)  # P_0 (M, D)
+        self.text_deep_prompts = deep_prompt_list(depth - 1, n_ctx, width, device)  # P_1..P_{J-1}
+        self.proj = nn.Linear(width, vision_width, device=device)  # F_0
+        first = nn.Linear(width, vision_width, device=device)
+        self.couplings = nn.ModuleList([copy.deepcopy(first) if cloned_couplings or j == 0 else
+                                        nn.Linear(width, vision_width, device=device) for j in range(depth - 1)])
+        self.text = TextPrompts(clip, classnames, n_ctx, ctx_init)
+
+    def vision_prompts(self) -> tuple:
+        """(F_0(P_0) (M, Dv), [F_j(P_j) (M, Dv) for j = 1..J-1]): the vision prompts, coupled to the text ones."""
+        return self.proj(self.ctx), [f(p) for f, p in zip(self.couplings, self.text_deep_prompts)]
+
+    def encode_text(self) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text_embeddings(self.text.assemble(self.ctx), self.text.eot_idx,
+                                                            deep_prompts=list(self.text_deep_prompts)), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> PromptedOutput:
+        shallow, deep = self.vision_prompts()
+        image_features = self.clip.encode_image(images, prompts=shallow, deep_prompts=deep)  # (B, E)
+        return prompted_output(self.clip, image_features, self.encode_text())
 
 
 class MetaPrompt(nn.Module):
@@ -431,13 +520,13 @@ def aggregate_prompts(snapshots: list, weights: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Building a learner by method name, and batched prediction (shared by train.py and eval.py)
 
-METHODS = ("zeroshot", "coop", "ivlp", "promptsrc", "metaprompt")
+METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "metaprompt")
 
 
 def build_learner(method: str, clip, classnames, templates, *, n_ctx: int = 16, ctx_init: str | None = None,
                   class_specific: bool = False, class_token_position: str = "end", n_ctx_text: int = 4,
                   n_ctx_vision: int = 4, text_depth: int = 9, vision_depth: int = 9,
-                  raw_frozen_names: bool = True) -> nn.Module:
+                  raw_frozen_names: bool = True, cloned_couplings: bool = True) -> nn.Module:
     """The prompt learner of `method` for a class list. PromptSRC's prompts are IVLP's (its regularizers are
     training losses, see `FrozenTeacher`); zero-shot uses `templates`, MetaPrompt its frozen branch (depth =
     text_depth, for both modalities)."""
@@ -446,6 +535,11 @@ def build_learner(method: str, clip, classnames, templates, *, n_ctx: int = 16, 
     if method == "coop":
         return CoOp(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, class_specific=class_specific,
                     class_token_position=class_token_position)
+    if method == "cocoop":
+        return CoCoOp(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init)
+    if method == "maple":  # MaPLe's prompt length and depth: the text flags (the vision prompts follow)
+        return MaPLe(clip, classnames, n_ctx=n_ctx_text, depth=text_depth, ctx_init=ctx_init,
+                     cloned_couplings=cloned_couplings)
     if method == "metaprompt":
         return MetaPrompt(clip, classnames, templates, n_ctx_text=n_ctx_text, n_ctx_vision=n_ctx_vision,
                           depth=text_depth, raw_frozen_names=raw_frozen_names)

@@ -3,8 +3,9 @@
 `python train.py` with no arguments runs ProMetaR on the offline testbed (`--dataset world`, the shipped small CLIP,
 about 100 s on a CPU). `python train.py --dataset dtd --root DATA --method ivlp --shots 16` trains IVLP on DTD's base classes
 (base-to-new, CoCoOp arXiv:2203.05557v2 Sec. 4.1) and writes `results.json` (base, new, HM) and the prompts into
-`output/base2new/dtd/ivlp/shots_16/seed_1/`. Methods: zero-shot CLIP, CoOp (arXiv:2109.01134v6), IVLP (MaPLe
-arXiv:2210.03117v3 Sec. 4), PromptSRC (arXiv:2307.06948v2); defaults per method are the official configs.
+`output/base2new/dtd/ivlp/shots_16/seed_1/`. Methods: zero-shot CLIP, CoOp (arXiv:2109.01134v6), CoCoOp
+(arXiv:2203.05557v2), IVLP (MaPLe arXiv:2210.03117v3 Sec. 4), MaPLe (same paper, Sec. 3), PromptSRC
+(arXiv:2307.06948v2); defaults per method are the official configs.
 Optimisation as Dassl: SGD, one constant warm-up epoch, then cosine decay stepped per epoch; the final model is
 the last epoch's (no validation-based selection), as in all three papers.
 ProMetaR (arXiv:2404.00851v1): `--method prometar [--base ivlp|coop]`, the released iteration (`prometar_step`)
@@ -19,7 +20,7 @@ Every input that needs no download (datasets, folders, shots, target domain, bac
 the backbone is loaded (`check_inputs`); each run folder gets `log.jsonl`, one JSON line per iteration.
 GRAM (arXiv:2303.06571v2; no released code, its form from SUPMER's): `--method gram --pairs PAIRS.csv` meta-trains a
 prompt initialisation and gradient regulators on image-caption pairs; `--method coop|ivlp --gram FILE` uses them.
-Not included: CoCoOp and MaPLe, multi-GPU.
+Not included: multi-GPU.
 """
 
 import argparse
@@ -48,6 +49,12 @@ METHOD_DEFAULTS = {
     "coop": {"epochs": None, "batch_size": 32, "lr": 0.002, "ctx_init": None},
     "ivlp": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
     "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
+    # KaiyangZhou/CoOp configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml (test batch 100, as every method)
+    "cocoop": {"epochs": 10, "batch_size": 1, "lr": 0.002, "ctx_init": "a photo of a", "n_ctx": 4},
+    # muzairkhattak/multimodal-prompt-learning configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml (N_CTX 2,
+    # PROMPT_DEPTH 9: our --n-ctx-text / --text-depth, the vision prompts follow)
+    "maple": {"epochs": 5, "batch_size": 4, "lr": 0.0035, "ctx_init": "a photo of a", "n_ctx_text": 2,
+              "text_depth": 9},
     # mlvlab/ProMetaR configs/trainers/ProMetaR/vit_b16_c2_ep10_batch4_4+4ctx.yaml
     "prometar": {"epochs": 10, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
     # Vill-Lab/2024-TIP-MetaPrompt configs/trainers/Meta_B2N/vit_b16.yaml + scripts/Meta/b2n.sh (LAYERS 12, both
@@ -55,6 +62,12 @@ METHOD_DEFAULTS = {
     "metaprompt": {"epochs": 8, "batch_size": 16, "lr": 0.0015, "ctx_init": None, "n_ctx_text": 2, "n_ctx_vision": 2,
                    "text_depth": 12, "vision_depth": 12},
 }
+# Trained on ImageNet for the cross-dataset and ImageNet-DG protocols: CoOp's xd script uses
+# configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml (50 epochs, "a photo of a": 4 context vectors); MaPLe its
+# vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml (2 epochs, lr 0.0026, depth 3). Other methods keep their configs.
+TRANSFER_DEFAULTS = {"coop": {"epochs": 50, "ctx_init": "a photo of a"},
+                     "maple": {"epochs": 2, "lr": 0.0026, "text_depth": 3}}
+TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
 # Vill-Lab/2024-TIP-MetaPrompt configs/trainers/Meta_DG/vit_b16.yaml + scripts/Meta/dg.sh: multi-source DG
 METAPROMPT_DG_DEFAULTS = {"epochs": 6, "batch_size": 32, "n_ctx_text": 4, "n_ctx_vision": 4}
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization", "multi_source_dg")
@@ -118,6 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--text-depth", type=int, default=None, help="text prompt depth (PromptSRC: 9; MetaPrompt: 12, "
                    "both modalities)")
     p.add_argument("--vision-depth", type=int, default=None, help="IVLP vision prompt depth (PromptSRC: 9)")
+    p.add_argument("--maple-cloned-couplings", action=argparse.BooleanOptionalAction, default=True,
+                   help="released MaPLe: the deep coupling functions start as copies of one layer (maple.py "
+                        "_get_clones); --no-...: each initialised afresh")
     # ProMetaR (released code: mlvlab/ProMetaR trainers/prometar.py, train.py:99-106)
     p.add_argument("--base", default=None, choices=["ivlp", "coop"],
                    help="the prompt model ProMetaR (default ivlp, the paper's) or GRAM's meta-training (default coop) "
@@ -216,7 +232,8 @@ def parse_args(argv=None):
     testbed_backbone = args.backbone is not None and is_testbed_backbone(args.backbone)
     on_testbed = (args.dataset in TESTBED_DATASETS and (args.method != "gram" or args.backbone is None)) or \
         testbed_backbone  # the shipped small CLIP on any dataset (your own folder too) gets the testbed's settings
-    defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[method], **dg_config,
+    transfer = TRANSFER_DEFAULTS.get(method, {}) if args.protocol in TRANSFER_PROTOCOLS else {}
+    defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[method], **dg_config, **transfer,
                 **(TESTBED_DEFAULTS if on_testbed else {}),
                 **(TESTBED_DG_DEFAULTS if args.dataset == "world_styles" else {})}
     for key, value in defaults.items():
@@ -358,7 +375,8 @@ def learner_for(args, clip, dataset, classnames):
                                  class_specific=args.class_specific, class_token_position=args.class_token_position,
                                  n_ctx_text=args.n_ctx_text, n_ctx_vision=args.n_ctx_vision,
                                  text_depth=args.text_depth, vision_depth=args.vision_depth,
-                                 raw_frozen_names=args.metaprompt_raw_frozen_names)
+                                 raw_frozen_names=args.metaprompt_raw_frozen_names,
+                                 cloned_couplings=args.maple_cloned_couplings)
 
 
 def build_optimizers(args, params: dict, gate):
@@ -548,7 +566,8 @@ def save_atomic(obj, path):
 
 def evaluate(args, clip, state, dataset, subsample, device, target_domain=None) -> dict:
     """Accuracy and macro-F1 of the prompts `state` on a dataset's test set restricted to `subsample` classes."""
-    _, _, test, classnames = data.build_dataset(dataset, args.root, shots=args.shots, seed=args.seed,
+    shots = args.shots if dataset == args.dataset else 0  # another dataset (cross-dataset, DG): no few-shot draw
+    _, _, test, classnames = data.build_dataset(dataset, args.root, shots=shots, seed=args.seed,
                                                 subsample=subsample, target_domain=target_domain)
     learner = learner_for(args, clip, dataset, classnames)
     prompts.load_prompts(learner, state)
