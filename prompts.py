@@ -134,6 +134,14 @@ def word_embeddings(clip, words: str, n_ctx: int | None = None) -> torch.Tensor:
         return clip.token_embedding(ids[1:1 + n_ctx].to(clip.positional_embedding.device)).clone()  # (M, D)
 
 
+def initial_context(clip, ctx_init: str | None, n_ctx: int | None) -> torch.Tensor:
+    """A shared context (M, D): the words of `ctx_init` (word_embeddings; n_ctx=None: one vector per word) or
+    N(0, 0.02) random vectors (CoOp / CoCoOp / IVLP / MaPLe)."""
+    if ctx_init:
+        return word_embeddings(clip, ctx_init, n_ctx)
+    return torch.randn(n_ctx, clip.ln_final.weight.shape[0], device=clip.positional_embedding.device) * PROMPT_INIT_STD
+
+
 class TextPrompts(nn.Module):
     """The class-list side of a learned text prompt "X X ... X {class}.": the frozen token embeddings around the
     context (CoOp coop.py `token_prefix` / `token_suffix`), cut after the longest end-of-text token (exact under the
@@ -250,9 +258,7 @@ class IVLP(nn.Module):
         self.clip = freeze(clip)
         device, width = clip.positional_embedding.device, clip.ln_final.weight.shape[0]
         vision_width = clip.visual.conv1.weight.shape[0]
-        ctx = word_embeddings(clip, ctx_init, n_ctx_text) if ctx_init else \
-            torch.randn(n_ctx_text, width, device=device) * PROMPT_INIT_STD
-        self.ctx = nn.Parameter(ctx)  # (M_t, D)
+        self.ctx = nn.Parameter(initial_context(clip, ctx_init, n_ctx_text))  # (M_t, D)
         self.text_deep_prompts = deep_prompt_list(text_depth - 1, self.ctx.shape[0], width, device)
         self.vision_ctx = nn.Parameter(torch.randn(n_ctx_vision, vision_width, device=device) * PROMPT_INIT_STD) \
             if n_ctx_vision else None  # (M_v, Dv); n_ctx_vision=0: a text-only learner
@@ -303,9 +309,7 @@ class CoCoOp(nn.Module):
         super().__init__()
         self.clip = freeze(clip)
         device, width, embed = clip.positional_embedding.device, clip.ln_final.weight.shape[0], clip.visual.proj.shape[1]
-        ctx = word_embeddings(clip, ctx_init) if ctx_init else \
-            torch.randn(n_ctx, width, device=device) * PROMPT_INIT_STD
-        self.ctx = nn.Parameter(ctx)  # (M, D)
+        self.ctx = nn.Parameter(initial_context(clip, ctx_init, None if ctx_init else n_ctx))  # (M, D)
         self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(embed, embed // 16)), ("relu", nn.ReLU()),
                                                    ("linear2", nn.Linear(embed // 16, width))])).to(device)
         self.text = TextPrompts(clip, classnames, self.ctx.shape[0], ctx_init)
@@ -344,9 +348,7 @@ class MaPLe(nn.Module):
         self.clip = freeze(clip)
         device, width = clip.positional_embedding.device, clip.ln_final.weight.shape[0]
         vision_width = clip.visual.conv1.weight.shape[0]
-        ctx = word_embeddings(clip, ctx_init, n_ctx) if ctx_init else \
-            torch.randn(n_ctx, width, device=device) * PROMPT_INIT_STD
-        self.ctx = nn.Parameter(ctx)  # P_0 (M, D)
+        self.ctx = nn.Parameter(initial_context(clip, ctx_init, n_ctx))  # P_0 (M, D)
         self.text_deep_prompts = deep_prompt_list(depth - 1, n_ctx, width, device)  # P_1..P_{J-1}
         self.proj = nn.Linear(width, vision_width, device=device)  # F_0
         first = nn.Linear(width, vision_width, device=device)
