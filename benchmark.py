@@ -50,10 +50,10 @@ CASES = {"clip": ("image", "text_truncated", "text_full"),
          "methods": ("coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar")}
 
 
-def training_step(method: str, model):
+def training_step(method: str, model, precision: str = "fp32"):
     """One iteration of train.py's loop for `method` on random images (batch 4, 24 classes, 4 distinct labels so
     that ProMetaR's meta step always runs)."""
-    args = train.parse_args(["--method", method, "--dataset", "dtd"])
+    args = train.parse_args(["--method", method, "--dataset", "dtd", "--precision", precision])
     classnames = [f"class {i}" for i in range(BASE_CLASSES)]
     learner = train.learner_for(args, model, "dtd", classnames)
     params = prompts.prompt_parameters(learner)
@@ -69,11 +69,11 @@ def training_step(method: str, model):
     return lambda: train.prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels)
 
 
-def run_case(case: str, repeats: int) -> dict:
+def run_case(case: str, repeats: int, precision: str = "fp32") -> dict:
     torch.manual_seed(0)
     model = clip_model.CLIP(**VIT_B16).eval()
     if case in CASES["methods"]:
-        step = training_step(case, model)
+        step = training_step(case, model, precision)
     elif case == "image":
         images = torch.randn(BATCH, 3, 224, 224)  # (B, 3, R, R)
         step = lambda: model.encode_image(images)
@@ -88,7 +88,7 @@ def run_case(case: str, repeats: int) -> dict:
             times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
     return {"case": case, "seconds": statistics.median(times[1:]), "peak_rss_mb": peak_mb,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "precision": precision}
 
 
 TESTBED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt")
@@ -165,6 +165,8 @@ def main():
     parser.add_argument("--case", choices=[c for cases in CASES.values() for c in cases],
                         help="run one case in this process (used internally)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", default="fp32", choices=list(train.PRECISIONS),
+                        help="methods: autocast dtype of the training step (train.py --precision)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="testbed seeds")
     parser.add_argument("--dg-shots", type=int, nargs="+", default=list(DG_SHOTS), help="testbed DG shots")
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
@@ -177,12 +179,12 @@ def main():
         print(run_gram_testbed(args.seeds, args.root, args.output))
         return
     if args.case:
-        print(json.dumps(run_case(args.case, args.repeats)))
+        print(json.dumps(run_case(args.case, args.repeats, args.precision)))
         return
-    print(f"| ViT-B/16, {torch.get_num_threads()} threads | seconds | peak RSS (MB) |\n|---|---|---|")
+    print(f"| ViT-B/16, {torch.get_num_threads()} threads, {args.precision} | seconds | peak RSS (MB) |\n|---|---|---|")
     for case in CASES[args.what]:
-        out = subprocess.run([sys.executable, __file__, args.what, "--case", case, "--repeats", str(args.repeats)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, __file__, args.what, "--case", case, "--repeats", str(args.repeats),
+                              "--precision", args.precision], check=True, capture_output=True, text=True).stdout
         result = json.loads(out)
         print(f"| {case} | {result['seconds']:.3f} | {result['peak_rss_mb']:.0f} |")
 

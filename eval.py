@@ -257,7 +257,7 @@ def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num
                                                 subsample=subsample, target_domain=config.get("target_domain"))
     learner = checkpoint_learner(ckpt, clip, classnames, dataset)
     loader = data.build_loader(test, train=False, size=clip.visual.input_resolution, num_workers=num_workers)
-    return data.classification_metrics(*prompts.predict(learner, loader, device, autocast=device == "cuda"))
+    return data.classification_metrics(*prompts.predict(learner, loader, device, prompts.default_dtype(device)))
 
 
 # --- prediction with trained prompts ------------------------------------------------------------------------------
@@ -331,7 +331,8 @@ def predict_images(checkpoint, paths, classes=None, topk=5, backbone=None, batch
                                num_workers=num_workers)
     k, results = min(topk, len(classnames)), []
     for batch in tqdm(loader, desc="predict", disable=not progress or len(loader) < 2, leave=False):
-        with torch.autocast(device_type=device, enabled=device == "cuda"):
+        dtype = prompts.default_dtype(device)
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             logits = learner(batch["img"].to(device, non_blocking=True)).logits  # (B, C)
         probs, idx = logits.float().softmax(-1).topk(k, dim=-1)  # (B, k) each
         for i, p, c in zip(batch["index"].tolist(), probs.tolist(), idx.tolist()):

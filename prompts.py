@@ -551,13 +551,21 @@ def build_learner(method: str, clip, classnames, templates, *, n_ctx: int = 16, 
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
+def default_dtype(device) -> torch.dtype:
+    """The mixed-precision default: bf16 on a CUDA GPU that supports it, fp16 on other GPUs, float32 on a CPU."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @torch.no_grad()
-def predict(learner: nn.Module, loader, device, autocast: bool = False):
-    """Labels and arg-max predictions over a loader of {"img", "label"} batches. Returns two (N,) tensors."""
+def predict(learner: nn.Module, loader, device, dtype: torch.dtype = torch.float32):
+    """Labels and arg-max predictions over a loader of {"img", "label"} batches, under autocast to `dtype` (float32:
+    none). Returns two (N,) tensors."""
     learner.eval()
     labels, preds = [], []
     for batch in loader:
-        with torch.autocast(device_type=torch.device(device).type, enabled=autocast):
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
             logits = learner(batch["img"].to(device, non_blocking=True)).logits  # (B, C)
         labels.append(batch["label"])
         preds.append(logits.argmax(-1).cpu())

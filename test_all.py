@@ -3102,3 +3102,30 @@ def test_transfer_protocol_runs_and_table(harness, tmp_path, capsys):
     assert (defaults["coop"].epochs, defaults["coop"].ctx_init) == (50, "a photo of a")
     assert (defaults["maple"].epochs, defaults["maple"].lr, defaults["maple"].text_depth) == (2, 0.0026, 3)
     assert (defaults["cocoop"].epochs, defaults["cocoop"].batch_size, defaults["cocoop"].lr) == (10, 1, 0.002)
+
+
+# --- speed and scale (issue #19) ----------------------------------------------------------------------------------
+BF16_TOLERANCE = 0.05  # absolute, on losses of order 1 (bf16 keeps 8 bits of mantissa: ~0.4% per rounding)
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt", "gram"])
+def test_bf16_autocast_losses_stay_within_tolerance_of_fp32(harness, gram_pairs, tmp_path, method):
+    """--precision bf16 (here on the CPU) runs every forward, the meta steps' second-order regions included, under
+    autocast: the first iteration's losses differ from fp32 (the path ran) by less than BF16_TOLERANCE, and the
+    prompts stay float32."""
+    import train
+    logs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        if method == "gram":
+            train.run(gram_args(harness, gram_pairs, out, "--gram-steps", "1", "--precision", precision))
+        else:
+            run_train(harness, out, "--method", method, "--epochs", "1", "--precision", precision)
+        logs[precision] = read_log(out)[0]
+        saved = torch.load(out / ("gram.pt" if method == "gram" else "prompts.pt"), weights_only=True)["prompts"]
+        assert all(v.dtype == torch.float32 for v in saved.values())
+    keys = [k for k in logs["fp32"] if k not in ("epoch", "iteration", "step", "seconds", "lr", "accuracy", "lam",
+                                                   "agreement", "gate")]
+    assert keys and any(logs["fp32"][k] != logs["bf16"][k] for k in keys)
+    for k in keys:
+        assert abs(logs["fp32"][k] - logs["bf16"][k]) < BF16_TOLERANCE * max(1.0, abs(logs["fp32"][k])), (k, logs)

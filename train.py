@@ -94,6 +94,7 @@ WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5  # CoOp/PromptSRC configs: WARMUP_EPOCH 1, WA
 TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 25.0, 10.0  # PromptSRC configs TEXT_LOSS_WEIGHT / IMAGE_LOSS_WEIGHT
 GPA_MEAN, GPA_STD = 15.0, 1.0  # PromptSRC base-to-new configs GPA_MEAN / GPA_STD (epochs 1..20)
 REGULARIZER_MOMENTUM, REGULARIZER_WEIGHT_DECAY = 0.9, 5e-4  # ProMetaR train.py OPTIM_VNET (Dassl defaults)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 EPOCH_SEED_STRIDE = 1000  # epoch e draws its batches and augmentations from seed * stride + e: resumable
 PROTOCOL_EVAL = {"cross_dataset": ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                                    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"],
@@ -205,6 +206,10 @@ def parse_args(argv=None):
                    help="SUPMER's (code-only) gate regularizer (d_sim / 2 + s / 2 - c)^2")
     p.add_argument("--gram-partner-any-leaf", action="store_true",
                    help="SUPMER's mixing partner from any leaf, the task's own included (default: another leaf)")
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="autocast dtype of every forward, meta steps included; prompts, gates, regulators and optimizer "
+                        "state stay float32. Default: bf16 on a CUDA GPU that has it, else fp16 (with a GradScaler for "
+                        "plain backward passes) on CUDA, fp32 on a CPU")
     p.add_argument("--num-workers", type=int, default=None, help=f"loader processes ({data.NUM_WORKERS})")
     p.add_argument("--output-dir", default=None, help="default: output/<protocol>/<dataset>/<method>/shots_K/seed_S")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
@@ -243,6 +248,7 @@ def parse_args(argv=None):
         args.epochs = COOP_EPOCHS_BY_SHOTS.get(args.shots, max(COOP_EPOCHS_BY_SHOTS.values()))
     if args.method == "zeroshot":
         args.epochs = 0
+    args.precision = args.precision or default_precision("cuda" if torch.cuda.is_available() else "cpu")
     if args.metaprompt_clean:
         for flag in METAPROMPT_RELEASED_FLAGS:
             setattr(args, flag, False)
@@ -351,6 +357,25 @@ def apply_gram(args, learner, gram):
     return regulators.requires_grad_(False).eval()
 
 
+def default_precision(device: str) -> str:
+    """bf16 on a CUDA GPU that supports it, fp16 on other GPUs, fp32 on a CPU (prompts.default_dtype)."""
+    return {v: k for k, v in PRECISIONS.items()}[prompts.default_dtype(device)]
+
+
+def autocast(args, device: str):
+    """The forward passes' mixed precision (--precision): float32 master weights, autocast to bf16 / fp16."""
+    return torch.autocast(device_type=device, dtype=PRECISIONS[args.precision], enabled=args.precision != "fp32")
+
+
+def in_precision(args, device: str, fn):
+    """`fn` with its forward under autocast (--precision): the loss functions of the meta steps, whose gradients
+    (torch.autograd.grad, second order included) are then taken outside the autocast region, as PyTorch advises."""
+    def wrapped(*a, **k):
+        with autocast(args, device):
+            return fn(*a, **k)
+    return wrapped
+
+
 def seed_everything(seed: int):
     import random
 
@@ -412,10 +437,11 @@ def training_losses(args, learner, teacher, images, labels, with_context=False) 
 
 
 def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device, regulators=None):
-    """One ordinary step on the training loss (CoOp, IVLP, PromptSRC), fp16 autocast on CUDA. With GRAM's frozen
+    """One ordinary step on the training loss (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC) under --precision (fp16: with the
+    GradScaler). With GRAM's frozen
     `regulators`, every prompt gradient is replaced by psi(g, e) after the backward and before the step (SUPMER:
     model/trainer.py:829-836), e the batch's context of the prompt's encoder."""
-    with torch.autocast(device_type=device, enabled=device == "cuda"):
+    with autocast(args, device):
         losses, logits, contexts = training_losses(args, learner, teacher, images, labels,
                                                    with_context=regulators is not None)
     optimizer.zero_grad(set_to_none=True)
@@ -425,7 +451,7 @@ def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device, 
         with torch.no_grad():
             for name, p in prompts.prompt_parameters(learner).items():
                 if p.grad is not None:
-                    p.grad = regulators(name, p.grad, contexts[prompts.modality(name)])[0]
+                    p.grad = regulators(name, p.grad, contexts[prompts.modality(name)].float())[0]
     scaler.step(optimizer)
     scaler.update()
     return losses, logits
@@ -458,10 +484,11 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
     """One ProMetaR iteration as released (prometar.py:410-466): step A, an SGD step with the modulated gradient
     on the whole batch; step B, one virtual task (skipped for a single-class batch), whose meta-gradient updates
     the prompts (a second step of the same optimizer) and the gate phi."""
-    params = prompts.prompt_parameters(learner)
-    frozen_image = teacher.image_features(images) if getattr(learner, "vision_ctx", None) is not None else None
-    loss_fn = lambda p, batch: prometar_losses(args, learner, teacher, p, batch)
-    outer_fn = lambda p, batch: prometar_outer_loss(learner, p, batch)
+    params, device = prompts.prompt_parameters(learner), images.device.type
+    with autocast(args, device):
+        frozen_image = teacher.image_features(images) if getattr(learner, "vision_ctx", None) is not None else None
+    loss_fn = in_precision(args, device, lambda p, batch: prometar_losses(args, learner, teacher, p, batch))
+    outer_fn = in_precision(args, device, lambda p, batch: prometar_outer_loss(learner, p, batch))
     grads, losses = meta.regularized_gradients(loss_fn, params, (images, labels, frozen_image), gate)  # step A
     if args.meta_second_step:
         apply_gradients(optimizer, params, grads)
@@ -518,8 +545,10 @@ def metaprompt_step(args, learner, optimizer, images, labels, domains):
     the inner and meta-test losses CE(l_t) on each half's classes (only the text branch runs: the frozen image
     features of the batch are computed once). Multi-source DG: the visual prompt, leave-one-domain-out in the batch,
     CE(l_i) over all classes (only the image branch runs)."""
-    frozen_image = learner.frozen_image_features(images)  # (B, E), once per batch
-    losses, logits = metaprompt_in_domain_losses(learner, images, labels, frozen_image)  # step A
+    device = images.device.type
+    with autocast(args, device):
+        frozen_image = learner.frozen_image_features(images)  # (B, E), once per batch
+        losses, logits = metaprompt_in_domain_losses(learner, images, labels, frozen_image)  # step A
     optimizer.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
     optimizer.step()
@@ -528,14 +557,14 @@ def metaprompt_step(args, learner, optimizer, images, labels, domains):
         name = "vision_ctx"
         splits = [((images[s], labels[s]), (images[q], labels[q]))
                   for s, q in meta.domain_splits(domains, args.metaprompt_domain_range)]
-        loss_fn = lambda p, b: metaprompt_image_loss(learner, p, b)
+        loss_fn = in_precision(args, device, lambda p, b: metaprompt_image_loss(learner, p, b))
     else:  # step B: text prompt, two random halves of the training classes
         name = "text_ctx"
         halves = meta.class_halves(learner.frozen_text_features.shape[0])
         splits = [((frozen_image[s_mask], s_labels, s_classes), (frozen_image[q_mask], q_labels, q_classes))
                   for (s_mask, s_labels, s_classes), (q_mask, q_labels, q_classes)
                   in meta.class_half_splits(labels, halves)]
-        loss_fn = lambda p, b: metaprompt_text_loss(learner, p, b)
+        loss_fn = in_precision(args, device, lambda p, b: metaprompt_text_loss(learner, p, b))
     buffers = {k: optimizer.state[p].get("momentum_buffer") for k, p in params.items()}
     new, buffers = meta.domain_split_update(
         loss_fn, params, name, splits, buffers, lr=optimizer.param_groups[0]["lr"],
@@ -572,7 +601,7 @@ def evaluate(args, clip, state, dataset, subsample, device, target_domain=None) 
     learner = learner_for(args, clip, dataset, classnames)
     prompts.load_prompts(learner, state)
     loader = data.build_loader(test, train=False, size=clip.visual.input_resolution, num_workers=args.num_workers)
-    labels, preds = prompts.predict(learner, loader, device, autocast=device == "cuda")
+    labels, preds = prompts.predict(learner, loader, device, PRECISIONS[args.precision])
     return data.classification_metrics(labels, preds)
 
 
@@ -623,7 +652,7 @@ def main(args):
         if args.method == "prometar" else None
     regulators = apply_gram(args, learner, gram)  # --gram: GRAM's initialisation and frozen regulators
     optimizer, gate_optimizer = build_optimizers(args, params, gate)
-    scaler = torch.amp.GradScaler(enabled=device == "cuda")  # fp16 autocast on CUDA, fp32 master prompts
+    scaler = torch.amp.GradScaler(device, enabled=args.precision == "fp16")  # loss scaling for fp16 only
     ckpt_path, start_epoch, snapshots = os.path.join(args.output_dir, "checkpoint.pt"), 0, []
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.resume and not os.path.exists(ckpt_path):
@@ -732,7 +761,7 @@ def pair_loss(learner, params, batch) -> tuple:
     images, captions = batch
     out = torch.func.functional_call(learner, params, (images,), {"captions": captions})
     loss = meta.contrastive_loss(out.image_features, out.text_features, learner.clip.logit_scale.exp())
-    return loss, {name: out.contexts[prompts.modality(name)] for name in params}
+    return loss, {name: out.contexts[prompts.modality(name)].float() for name in params}  # regulators: float32
 
 
 def pair_batch(learner, pairs, index, transform, device) -> tuple:
@@ -754,17 +783,19 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
     optimizer.zero_grad(set_to_none=True)
     regulator_optimizer.zero_grad(set_to_none=True)
     n, sims, logged = len(tasks), [], {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0}
-    scale = learner.clip.logit_scale.exp()
+    scale, device = learner.clip.logit_scale.exp(), learner.clip.logit_scale.device.type
     for support, query, partner, domain_similarity in tasks:
         with meta.second_order_attention(args.gram_second_order):  # double backward through attention: math kernel
             adapted, regulated, gates, support_loss, contexts = meta.regulated_inner_update(
-                lambda p, b: pair_loss(learner, p, b), params, regulators, support, alpha=args.gram_alpha,
+                in_precision(args, device, lambda p, b: pair_loss(learner, p, b)), params, regulators, support,
+                alpha=args.gram_alpha,
                 second_order=args.gram_second_order)
             lam = meta.curriculum_lambda(agreement, generator)
-            q = torch.func.functional_call(learner, adapted, (query[0],), {"captions": query[1]})
-            a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
-            outer = meta.mixup_contrastive_loss(q.image_features, q.text_features, a.image_features,
-                                                a.text_features, lam, scale)
+            with autocast(args, device):
+                q = torch.func.functional_call(learner, adapted, (query[0],), {"captions": query[1]})
+                a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
+                outer = meta.mixup_contrastive_loss(q.image_features, q.text_features, a.image_features,
+                                                    a.text_features, lam, scale)
             before = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
             (outer / n).backward()
         s_tau = statistics.fmean(meta.gradient_agreement((p.grad - before[k]) * n, regulated[k].detach())
