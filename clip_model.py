@@ -427,6 +427,11 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
+def fingerprint(name_or_path) -> str:
+    """What identifies a backbone across machines: a model name, or the SHA256 of a checkpoint file."""
+    return str(name_or_path) if str(name_or_path) in MODELS else sha256_of(Path(name_or_path).expanduser())
+
+
 def download(url: str, root) -> Path:
     """Fetch `url` into `root` unless a file with the SHA256 named in the URL is already there.
 

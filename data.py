@@ -666,6 +666,8 @@ FOLDER_SPLIT_FILE = "split.json"  # CoOp's split format, written once, then reus
 FOLDER_CLASSNAMES_FILE = "classnames.txt"  # optional: "<folder> <class name>" lines
 FOLDER_SPLITS = ("train", "val", "test")  # a split given as folders (val optional)
 FEWSHOT_DIR = "split_fewshot"  # the few-shot cache (fewshot_cache_path), never a class folder
+FEATURE_CACHE_DIR = "feature_cache"  # frozen image features (cached_image_features), never a class folder
+RESERVED_DIRS = (FEWSHOT_DIR, FEATURE_CACHE_DIR)
 
 
 def walk_images(folder, skipped) -> list:
@@ -792,7 +794,8 @@ def read_folder(folder):
         path = folder / FOLDER_SPLIT_FILE
         if path.exists():
             train, val, test = read_split(path, str(folder))
-            on_disk = {p for f in list_subfolders(folder) if f != FEWSHOT_DIR for p in walk_images(folder / f, skipped)}
+            on_disk = {p for f in list_subfolders(folder) if f not in RESERVED_DIRS
+                       for p in walk_images(folder / f, skipped)}
             unlisted = on_disk - {d.impath for d in train + val + test}
             if unlisted:
                 warnings.warn(f"{len(unlisted)} images under {folder} are not in {path.name}, e.g. {min(unlisted)}; "
@@ -802,7 +805,7 @@ def read_folder(folder):
                 train, val, test = ([d._replace(classname=names[class_folder_of(d, folder)]) for d in items]
                                     for items in (train, val, test))
         else:
-            classes = scan_class_folders(folder, skipped, exclude=(FEWSHOT_DIR,))
+            classes = scan_class_folders(folder, skipped, exclude=RESERVED_DIRS)
             names = folder_classnames(folder, list(classes))
             train, val, test = split_by_class([(names[f], paths) for f, paths in classes.items()], rng)
             empty = sorted(set(classes) - {class_folder_of(d, folder) for d in train})
@@ -1009,7 +1012,7 @@ def check_image_folder(folder):
             if (folder / split).is_dir():
                 folder_classnames(folder, list(scan_class_folders(folder / split, [])))
     elif not (folder / FOLDER_SPLIT_FILE).exists():
-        folder_classnames(folder, list(scan_class_folders(folder, [], exclude=(FEWSHOT_DIR,))))
+        folder_classnames(folder, list(scan_class_folders(folder, [], exclude=RESERVED_DIRS)))
 
 
 def check_images_exist(items, folder, own=False):
@@ -1112,6 +1115,46 @@ def build_loader(items, train, batch_size=None, size=IMAGE_SIZE, num_workers=NUM
                       generator=generator if train else None,  # also seeds the workers' augmentations
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       drop_last=train and len(dataset) >= batch_size)
+
+
+def dataset_folder(name, root) -> Path:
+    """The folder of dataset `name` under --root (--dataset folder: the root itself)."""
+    return Path(root).expanduser() / get_spec(name).dataset_dir
+
+
+def feature_cache_file(name, root, tag: str) -> Path:
+    """Where the frozen image features of dataset `name` for one backbone setting (`tag`) are kept."""
+    return dataset_folder(name, root) / FEATURE_CACHE_DIR / f"{tag}.pt"
+
+
+def image_key(path, folder) -> str:
+    """An image's identity in a cache: its path under `folder`, size and modification time (an edit re-encodes it)."""
+    stat = os.stat(path)
+    return f"{Path(os.path.relpath(path, folder)).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}"
+
+
+@torch.no_grad()
+def cached_image_features(items, encode, cache_file, size=IMAGE_SIZE, num_workers=NUM_WORKERS) -> torch.Tensor:
+    """(N, E) per-image values of `items` (in order), each computed once per `cache_file`: `encode((B, 3, H, W)) ->
+    (B, E)` runs only on the images the file does not hold yet (test transform, batches of 100), and the file is then
+    rewritten atomically with them added. Used for frozen CLIP image features: evaluation encodes each test image once
+    per backbone, for every class subset, seed and method whose image encoder has no prompts."""
+    cache_file = Path(cache_file)
+    folder = cache_file.parent.parent
+    cache = torch.load(cache_file, weights_only=True) if cache_file.exists() else {"keys": [], "features": None}
+    index = {k: i for i, k in enumerate(cache["keys"])}
+    keys = [image_key(d.impath, folder) for d in items]
+    missing = list({k: d for k, d in zip(keys, items) if k not in index}.items())
+    if missing:
+        loader = build_loader([d for _, d in missing], train=False, size=size, num_workers=num_workers)
+        new = torch.cat([encode(batch["img"]).float().cpu() for batch in loader])  # (M, E)
+        features = new if cache["features"] is None else torch.cat([cache["features"], new])
+        cache = {"keys": cache["keys"] + [k for k, _ in missing], "features": features}
+        index = {k: i for i, k in enumerate(cache["keys"])}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(cache, f"{cache_file}.tmp")
+        os.replace(f"{cache_file}.tmp", cache_file)
+    return cache["features"][[index[k] for k in keys]]
 
 
 def benchmark_loader(items, size=IMAGE_SIZE, batch_size=TRAIN_BATCH_SIZE, num_workers=2, n_batches=20):

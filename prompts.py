@@ -115,8 +115,12 @@ class ZeroShotCLIP(nn.Module):
     def encode_text(self) -> torch.Tensor:
         return self.text_features  # (C, E)
 
+    def classify(self, image_features: torch.Tensor) -> PromptedOutput:
+        """Logits from frozen image features (B, E) (FROZEN_IMAGE: features can be computed once and reused)."""
+        return prompted_output(self.clip, image_features, self.text_features)
+
     def forward(self, images: torch.Tensor) -> PromptedOutput:
-        return prompted_output(self.clip, self.clip.encode_image(images), self.text_features)
+        return self.classify(self.clip.encode_image(images))
 
 
 def word_embeddings(clip, words: str, n_ctx: int | None = None) -> torch.Tensor:
@@ -222,11 +226,15 @@ class CoOp(nn.Module):
     def encode_text(self) -> torch.Tensor:
         return F.normalize(self.prompted_text(), dim=-1)  # (C, E)
 
+    def classify(self, image_features: torch.Tensor) -> PromptedOutput:
+        """Logits from frozen image features (B, E): CoOp's image encoder has no prompts."""
+        return prompted_output(self.clip, image_features, self.encode_text())
+
     def forward(self, images: torch.Tensor, captions: "TextPrompts | None" = None, with_context: bool = False):
         """PromptedOutput over the learner's classes; with `captions` (caption_prompts of the batch) the PairOutput of
         the image-caption pairs instead; with_context=True adds the text encoder's context (GRAM)."""
         if captions is None and not with_context:
-            return prompted_output(self.clip, self.clip.encode_image(images), self.encode_text())
+            return self.classify(self.clip.encode_image(images))
         if self.ctx.dim() == 3:
             raise ValueError("GRAM needs a shared context: class-specific CoOp contexts cannot prompt captions")
         text_features, context = self.prompted_text(captions, return_context=True)  # (N, E), (D,)
@@ -325,7 +333,10 @@ class CoCoOp(nn.Module):
 
     def forward(self, images: torch.Tensor) -> PromptedOutput:
         """PromptedOutput with per-image text features (B, C, E)."""
-        image_features = self.clip.encode_image(images)  # (B, E)
+        return self.classify(self.clip.encode_image(images))
+
+    def classify(self, image_features: torch.Tensor) -> PromptedOutput:
+        """From frozen image features (B, E): the image encoder has no prompts, only the text side depends on x."""
         normalized = F.normalize(image_features, dim=-1)
         ctx = self.ctx + self.meta_net(normalized)[:, None]  # (B, M, D): the bias pi(x) shifts every context vector
         chunk = max(1, COCOOP_TEXT_BATCH // self.text.token_prefix.shape[0])
@@ -549,6 +560,18 @@ def build_learner(method: str, clip, classnames, templates, *, n_ctx: int = 16, 
         return IVLP(clip, classnames, n_ctx_text=n_ctx_text, n_ctx_vision=n_ctx_vision, text_depth=text_depth,
                     vision_depth=vision_depth, ctx_init=ctx_init)
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+FROZEN_IMAGE = (ZeroShotCLIP, CoOp, CoCoOp)  # learners whose image encoder has no prompts: `classify(features)`
+
+
+@torch.no_grad()
+def predict_features(learner: nn.Module, image_features: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """Arg-max predictions (N,) of a FROZEN_IMAGE learner from precomputed image features (N, E), in batches."""
+    learner.eval()
+    device = learner.clip.logit_scale.device
+    return torch.cat([learner.classify(chunk.to(device)).logits.argmax(-1).cpu()
+                      for chunk in image_features.split(batch_size)])
 
 
 def default_dtype(device) -> torch.dtype:

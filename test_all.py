@@ -3129,3 +3129,39 @@ def test_bf16_autocast_losses_stay_within_tolerance_of_fp32(harness, gram_pairs,
     assert keys and any(logs["fp32"][k] != logs["bf16"][k] for k in keys)
     for k in keys:
         assert abs(logs["fp32"][k] - logs["bf16"][k]) < BF16_TOLERANCE * max(1.0, abs(logs["fp32"][k])), (k, logs)
+
+
+def test_frozen_image_evaluation_encodes_each_test_image_once(harness, tmp_path, monkeypatch):
+    """Zero-shot, CoOp and CoCoOp evaluate from image features cached per backbone in the dataset folder: over two
+    methods, both class halves and a second seed, each test image is encoded once; the accuracies equal those of the
+    plain path (images through the learner); an edited image is encoded again."""
+    import train
+    root = tmp_path / "data"
+    shutil.copytree(harness / "data" / "synthetic", root / "synthetic")
+    encoded = []
+    original = clip_model.CLIP.encode_image
+    monkeypatch.setattr(clip_model.CLIP, "encode_image", lambda self, images, *a, **k: encoded.append(
+        images.shape[0]) or original(self, images, *a, **k))
+    runs = [("zeroshot", "1"), ("coop", "1"), ("cocoop", "2")]
+    for method, seed in runs:
+        run_train(harness, tmp_path / f"{method}{seed}", "--root", str(root), "--method", method, "--seed", seed,
+                  "--epochs", "0")
+    _, _, test, _ = data.build_dataset("synthetic", root, shots=4, subsample="all")
+    assert sum(encoded) == len(test) == 36  # 6 classes x 6 test images, each encoded once for all runs
+    clip = clip_model.load(harness / "tiny.pt", device="cpu")
+    for method, seed in runs:
+        args = train.parse_args(["--dataset", "synthetic", "--root", str(root), "--method", method, "--seed", seed,
+                                 "--backbone", str(harness / "tiny.pt"), "--shots", "4", "--n-ctx", "16"])
+        state = torch.load(tmp_path / f"{method}{seed}" / "prompts.pt", weights_only=True)["prompts"]
+        results = json.loads((tmp_path / f"{method}{seed}" / "results.json").read_text())["splits"]
+        for subsample in ("base", "new"):
+            _, _, items, names = data.build_dataset("synthetic", root, shots=4, seed=int(seed), subsample=subsample)
+            learner = train.learner_for(args, clip, "synthetic", names)
+            prompts.load_prompts(learner, state)
+            loader = data.build_loader(items, train=False, size=32, num_workers=0)
+            plain = data.classification_metrics(*prompts.predict(learner, loader, "cpu"))
+            assert results[subsample]["accuracy"] == pytest.approx(plain["accuracy"]), (method, subsample)
+    encoded.clear()
+    os.utime(test[0].impath, ns=(1, 1))  # an edited image (new modification time) is encoded again
+    run_train(harness, tmp_path / "again", "--root", str(root), "--method", "coop", "--epochs", "0")
+    assert sum(encoded) == 1

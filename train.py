@@ -315,11 +315,6 @@ def is_testbed_backbone(backbone) -> bool:
     return os.path.realpath(str(backbone)) == os.path.realpath(TESTBED_CHECKPOINT)
 
 
-def backbone_fingerprint(backbone) -> str:
-    """What identifies a backbone across machines: a model name, or the SHA256 of a checkpoint file."""
-    return str(backbone) if str(backbone) in clip_model.MODELS else clip_model.sha256_of(Path(backbone).expanduser())
-
-
 def read_gram_file(path, args) -> dict:
     """A gram.pt written by --method gram, checked against this run (one line each): the file itself, the prompt
     model it was meta-trained for, the backbone, the prompt shapes. Returns it with its "sha256"."""
@@ -335,7 +330,7 @@ def read_gram_file(path, args) -> dict:
     if config["base"] != args.method:
         raise clip_model.CheckpointError(f"--gram {path} was meta-trained for --method {config['base']}, not "
                                          f"{args.method}; use it with --method {config['base']}")
-    if config["backbone_fingerprint"] != backbone_fingerprint(args.backbone):
+    if config["backbone_fingerprint"] != clip_model.fingerprint(args.backbone):
         raise clip_model.CheckpointError(f"--gram {path} was meta-trained with the backbone {config['backbone']}, "
                                          f"not {args.backbone}; pass --backbone {config['backbone']}")
     return {**gram, "sha256": clip_model.sha256_of(path)}
@@ -451,7 +446,7 @@ def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device, 
         with torch.no_grad():
             for name, p in prompts.prompt_parameters(learner).items():
                 if p.grad is not None:
-                    p.grad = regulators(name, p.grad, contexts[prompts.modality(name)].float())[0]
+                    p.grad = regulators(name, p.grad, contexts[prompts.modality(name)].to(p.grad.dtype))[0]
     scaler.step(optimizer)
     scaler.update()
     return losses, logits
@@ -600,9 +595,22 @@ def evaluate(args, clip, state, dataset, subsample, device, target_domain=None) 
                                                 subsample=subsample, target_domain=target_domain)
     learner = learner_for(args, clip, dataset, classnames)
     prompts.load_prompts(learner, state)
+    dtype = PRECISIONS[args.precision]
+    if isinstance(learner, prompts.FROZEN_IMAGE):  # image features once per backbone, for every subset and method
+        features = frozen_image_features(clip, args.backbone, dataset, args.root, test, device, dtype, args.num_workers)
+        return data.classification_metrics([d.label for d in test], prompts.predict_features(learner, features))
     loader = data.build_loader(test, train=False, size=clip.visual.input_resolution, num_workers=args.num_workers)
-    labels, preds = prompts.predict(learner, loader, device, PRECISIONS[args.precision])
-    return data.classification_metrics(labels, preds)
+    return data.classification_metrics(*prompts.predict(learner, loader, device, dtype))
+
+
+def frozen_image_features(clip, backbone, dataset, root, items, device, dtype, num_workers) -> torch.Tensor:
+    """CLIP's own image features (N, E) of `items`, cached in the dataset folder per backbone, resolution and dtype
+    (data.cached_image_features): each image is encoded once."""
+    tag = hashlib.sha256(f"{clip_model.fingerprint(backbone)} {clip.visual.input_resolution} {dtype}".encode())
+    with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+        return data.cached_image_features(items, lambda images: clip.encode_image(images.to(device)),
+                                          data.feature_cache_file(dataset, root, tag.hexdigest()[:16]),
+                                          clip.visual.input_resolution, num_workers)
 
 
 def evaluation_targets(args):
@@ -761,7 +769,7 @@ def pair_loss(learner, params, batch) -> tuple:
     images, captions = batch
     out = torch.func.functional_call(learner, params, (images,), {"captions": captions})
     loss = meta.contrastive_loss(out.image_features, out.text_features, learner.clip.logit_scale.exp())
-    return loss, {name: out.contexts[prompts.modality(name)].float() for name in params}  # regulators: float32
+    return loss, {name: out.contexts[prompts.modality(name)].to(p.dtype) for name, p in params.items()}  # in the prompts dtype
 
 
 def pair_batch(learner, pairs, index, transform, device) -> tuple:
@@ -914,7 +922,7 @@ def gram_file(args, learner, regulators) -> dict:
     return {"prompts": {k: v.detach().cpu() for k, v in params.items()},
             "regulators": {k: v.cpu() for k, v in regulators.state_dict().items()},
             "config": {"base": args.base, "backbone": str(args.backbone), "kind": args.gram_regulator,
-                       "backbone_fingerprint": backbone_fingerprint(args.backbone),
+                       "backbone_fingerprint": clip_model.fingerprint(args.backbone),
                        "norm_mode": args.gram_norm_mode, "shapes": {k: list(v.shape) for k, v in params.items()},
                        "ctx_init": args.ctx_init, "pairs": str(args.pairs), "steps": args.gram_steps,
                        "seed": args.seed}}
