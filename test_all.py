@@ -3165,3 +3165,37 @@ def test_frozen_image_evaluation_encodes_each_test_image_once(harness, tmp_path,
     os.utime(test[0].impath, ns=(1, 1))  # an edited image (new modification time) is encoded again
     run_train(harness, tmp_path / "again", "--root", str(root), "--method", "coop", "--epochs", "0")
     assert sum(encoded) == 1
+
+
+def test_cache_views_encodes_each_view_once_and_trains(harness, tmp_path, monkeypatch):
+    """--cache-views N: N views of each training image are encoded before the first epoch and never again; every
+    epoch visits each image once (one view each, drawn from the epoch seed; the last partial batch dropped as Dassl);
+    CoOp still learns; methods with prompts in the image encoder are refused."""
+    import train
+    encoded = []
+    original = clip_model.CLIP.encode_image
+    monkeypatch.setattr(clip_model.CLIP, "encode_image", lambda self, images, *a, **k: encoded.append(
+        images.shape[0]) or original(self, images, *a, **k))
+    steps = []
+    sgd_step = train.sgd_step
+    monkeypatch.setattr(train, "sgd_step", lambda *a, **k: steps.append(sum(encoded)) or sgd_step(*a, **k))
+    args = run_train(harness, tmp_path / "views", "--method", "coop", "--n-ctx", "4", "--epochs", "4",
+                     "--cache-views", "3", "--batch-size", "5")
+    assert steps and set(steps) == {3 * 12}  # 3 base classes x 4 shots, 3 views each, all before the first step
+    assert len(read_log(tmp_path / "views")) == 4 * (12 // 5)
+    assert training_loss(harness, args, tmp_path / "views" / "prompts.pt") < \
+        training_loss(harness, run_train(harness, tmp_path / "init", "--method", "coop", "--n-ctx", "4", "--epochs",
+                                         "0"), tmp_path / "init" / "prompts.pt") - 0.05
+    views = torch.randn(3, 7, 2)
+    items = [data.Datum(str(i), i % 2, "c") for i in range(7)]
+    epochs = [list(train.view_batches(views, items, 3, seed)) for seed in (5, 5, 6)]
+    assert [len(b["img"]) for b in epochs[0]] == [3, 3]  # 7 images, batch 3: the last image of the draw is dropped
+    for a, b in zip(epochs[0], epochs[1]):
+        assert torch.equal(a["img"], b["img"])
+    assert not all(torch.equal(a["img"], b["img"]) for a, b in zip(epochs[0], epochs[2]))
+    for batch in epochs[0]:
+        for row, label in zip(batch["img"], batch["label"]):
+            matches = [(v, i) for v in range(3) for i in range(7) if torch.equal(views[v, i], row)]
+            assert len(matches) == 1 and items[matches[0][1]].label == label
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "ivlp", "--cache-views", "2"])

@@ -95,6 +95,7 @@ TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 25.0, 10.0  # PromptSRC configs TEXT_LOSS_
 GPA_MEAN, GPA_STD = 15.0, 1.0  # PromptSRC base-to-new configs GPA_MEAN / GPA_STD (epochs 1..20)
 REGULARIZER_MOMENTUM, REGULARIZER_WEIGHT_DECAY = 0.9, 5e-4  # ProMetaR train.py OPTIM_VNET (Dassl defaults)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
+CACHED_VIEW_METHODS = ("coop", "cocoop")  # trainable methods whose image encoder has no prompts (--cache-views)
 EPOCH_SEED_STRIDE = 1000  # epoch e draws its batches and augmentations from seed * stride + e: resumable
 PROTOCOL_EVAL = {"cross_dataset": ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                                    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"],
@@ -210,6 +211,9 @@ def parse_args(argv=None):
                    help="autocast dtype of every forward, meta steps included; prompts, gates, regulators and optimizer "
                         "state stay float32. Default: bf16 on a CUDA GPU that has it, else fp16 (with a GradScaler for "
                         "plain backward passes) on CUDA, fp32 on a CPU")
+    p.add_argument("--cache-views", type=int, default=0, metavar="N",
+                   help="CoOp / CoCoOp: encode N augmented views of every training image once and train on one view "
+                        "per image per epoch, drawn from the epoch seed (changes the augmentation stream; 0: off)")
     p.add_argument("--num-workers", type=int, default=None, help=f"loader processes ({data.NUM_WORKERS})")
     p.add_argument("--output-dir", default=None, help="default: output/<protocol>/<dataset>/<method>/shots_K/seed_S")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
@@ -255,6 +259,9 @@ def parse_args(argv=None):
     if args.method == "gram" and not args.pairs:
         p.error("--method gram meta-trains on image-caption pairs: pass --pairs PAIRS.csv "
                 "(python testbed.py pairs DIR writes one)")
+    if args.cache_views and (args.method not in CACHED_VIEW_METHODS or args.gram):
+        p.error(f"--cache-views caches CLIP's own image features: it works for {', '.join(CACHED_VIEW_METHODS)} "
+                "(no prompts in the image encoder), without --gram")
     if args.gram and args.method not in ("coop", "ivlp"):
         p.error(f"--gram plugs into --method coop or ivlp, not {args.method}")
     if args.method == "gram":
@@ -417,10 +424,45 @@ def train_loader(args, items, size: int, epoch: int):
                              crop_scale=testbed.WORLD_CROP_SCALE if args.dataset == "world" else data.RRC_SCALE)
 
 
+@torch.no_grad()
+def cached_views(args, clip, items, device) -> torch.Tensor:
+    """--cache-views N: CLIP's image features of N augmented views of every training image (Dassl's train transform),
+    drawn once from the run seed; (N, I, E), float32 on `device`."""
+    dataset = data.ImageListDataset(items, data.build_transform(True, clip.visual.input_resolution,
+                                                                testbed.WORLD_CROP_SCALE if args.dataset == "world"
+                                                                else data.RRC_SCALE))
+    views = []
+    for view in range(args.cache_views):
+        generator = torch.Generator().manual_seed(args.seed * EPOCH_SEED_STRIDE - 1 - view)  # apart from the epochs'
+        torch.manual_seed(args.seed * EPOCH_SEED_STRIDE - 1 - view)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=data.TEST_BATCH_SIZE, num_workers=args.num_workers,
+                                             generator=generator)
+        with autocast(args, device):
+            views.append(torch.cat([clip.encode_image(b["img"].to(device)).float() for b in loader]))  # (I, E)
+    return torch.stack(views)  # (N, I, E)
+
+
+def view_batches(views, items, batch_size: int, seed: int):
+    """One epoch over cached views: a permutation of the training images and one view per image, both drawn from
+    `seed`; batches as the loader's ({"img": (B, E) features, "label", "domain"}), the last one dropped as Dassl's."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(views.shape[1], generator=generator)
+    choice = torch.randint(views.shape[0], (views.shape[1],), generator=generator)
+    labels = torch.tensor([d.label for d in items])
+    domains = torch.tensor([d.domain for d in items])
+    stop = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        yield {"img": views[choice[idx], idx], "label": labels[idx], "domain": domains[idx]}
+
+
 def training_losses(args, learner, teacher, images, labels, with_context=False) -> tuple:
     """CE on CLIP logits (CoOp Eq. 3); PromptSRC adds its L1 consistency and KL terms (PromptSRC Eq. 2-4). Returns
     (losses, logits, the encoders' contexts or None)."""
-    out = learner(images, with_context=True) if with_context else learner(images)
+    if images.dim() == 2:  # (B, E): CLIP image features of cached views (--cache-views, a FROZEN_IMAGE learner)
+        out = learner.classify(images)
+    else:
+        out = learner(images, with_context=True) if with_context else learner(images)
     losses = {"loss_ce": F.cross_entropy(out.logits, labels)}
     if teacher is not None:
         frozen_image = teacher.image_features(images)  # (B, E)
@@ -673,6 +715,7 @@ def main(args):
         if gate is not None:
             gate.load_state_dict(ckpt["gate"])
             gate_optimizer.load_state_dict(ckpt["gate_optimizer"])
+    views = cached_views(args, clip, train, device) if args.cache_views else None
     print(json.dumps(vars(args)))
     log = open_log(os.path.join(args.output_dir, "log.jsonl"), start_epoch)
     for epoch in range(start_epoch, args.epochs):
@@ -681,7 +724,8 @@ def main(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(args.seed * EPOCH_SEED_STRIDE + epoch)
-        loader = train_loader(args, train, clip.visual.input_resolution, epoch)
+        loader = train_loader(args, train, clip.visual.input_resolution, epoch) if views is None else \
+            view_batches(views, train, args.batch_size, args.seed * EPOCH_SEED_STRIDE + epoch)
         learner.train()
         bar = progress(loader, f"epoch {epoch + 1}/{args.epochs}", args.no_progress)
         tick = time.perf_counter()
