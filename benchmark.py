@@ -5,12 +5,14 @@ the image forward (batch 4, 224 px) and the text forward for 47 prompts (DTD's c
 truncation to the longest prompt. Each case runs in a fresh process, so its peak resident memory (ru_maxrss,
 weights included) is its own. Reported time: median over repeats after one warm-up, under `torch.no_grad()`.
 `python benchmark.py methods` times one training iteration of CoOp, CoCoOp, IVLP, MaPLe, PromptSRC and ProMetaR (step A
-+ the second-order meta step) at ViT-B/16, batch 4 for every method (CoCoOp's config trains with batch 1), 24 classes (DTD's base classes, the setting
++ the second-order meta step) at ViT-B/16, batch 4 for every method (CoCoOp's config trains with batch 1), 24
+classes (DTD's base classes, the setting
 where the official ProMetaR code, mlvlab/ProMetaR @ c907bdb, took 41 s and 12.8 GB per iteration on a 2-core CPU),
 the same way.
 
 `python benchmark.py testbed` trains and evaluates zero-shot CLIP, CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, ProMetaR and
-MetaPrompt on the offline testbed with the shipped small CLIP and each method's testbed defaults from train.py, for seeds 1, 2, 3: base-to-new
+MetaPrompt on the offline testbed with the shipped small CLIP and each method's testbed defaults from train.py, for
+seeds 1, 2, 3: base-to-new
 on `world` (base / new / HM, mean ± std over the seeds), and leave-one-style-out multi-source DG on `world_styles`
 with 1 and 5 shots per class and source style (accuracy per held-out style and the average). The README's testbed
 tables come from this command; a run whose results.json exists is not run again, so an interrupted call resumes.

@@ -9,7 +9,8 @@ The average row is the papers' (CoCoOp arXiv:2203.05557v2 Table 1, and every lat
 accuracy over the datasets, and the HM of those two means (not the mean of per-dataset HMs). Each run's numbers are
 first averaged over seeds. Published numbers are kept as data below, with their source, and printed alongside.
 
-Cross-dataset transfer and ImageNet domain generalization (`--output output/cross_dataset`, `.../domain_generalization`):
+Cross-dataset transfer and ImageNet domain generalization (`--output output/cross_dataset`, or
+`.../domain_generalization`):
 accuracy on the source and every target, and the average over targets, next to MaPLe's published rows.
 Not included: plots.
 """
@@ -178,10 +179,12 @@ def transfer_table(protocol: str, source: str, per_method: dict) -> str:
     targets (the papers' "average" column), then the published row where there is one, its average recomputed from
     its own columns."""
     datasets = sorted({d for runs in per_method.values() for r in runs for d in r["splits"]},
-                      key=lambda d: (d != source, TRANSFER_ORDER.index(d) if d in TRANSFER_ORDER else len(TRANSFER_ORDER), d))
+                      key=lambda d: (d != source, TRANSFER_ORDER.index(d) if d in TRANSFER_ORDER else
+                                     len(TRANSFER_ORDER), d))
     targets = [d for d in datasets if d != source]
     lines = [f"{protocol}, trained on {source}:", "",
-             "| method | seeds | " + " | ".join(datasets) + " | average (targets) |", "|---" * (len(datasets) + 3) + "|"]
+             "| method | seeds | " + " | ".join(datasets) + " | average (targets) |",
+             "|---" * (len(datasets) + 3) + "|"]
     for method, results in per_method.items():
         means = {d: statistics.fmean(r["splits"][d]["accuracy"] for r in results) for d in datasets}
         cells = " | ".join(f"{means[d]:.2f}" for d in datasets)

@@ -316,7 +316,8 @@ class CoCoOp(nn.Module):
     def __init__(self, clip, classnames, n_ctx: int = 4, ctx_init: str | None = "a photo of a"):
         super().__init__()
         self.clip = freeze(clip)
-        device, width, embed = clip.positional_embedding.device, clip.ln_final.weight.shape[0], clip.visual.proj.shape[1]
+        device, width = clip.positional_embedding.device, clip.ln_final.weight.shape[0]
+        embed = clip.visual.proj.shape[1]
         self.ctx = nn.Parameter(initial_context(clip, ctx_init, None if ctx_init else n_ctx))  # (M, D)
         self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(embed, embed // 16)), ("relu", nn.ReLU()),
                                                    ("linear2", nn.Linear(embed // 16, width))])).to(device)
@@ -341,7 +342,8 @@ class CoCoOp(nn.Module):
         ctx = self.ctx + self.meta_net(normalized)[:, None]  # (B, M, D): the bias pi(x) shifts every context vector
         chunk = max(1, COCOOP_TEXT_BATCH // self.text.token_prefix.shape[0])
         text_features = torch.cat([self.conditional_text(c) for c in ctx.split(chunk)])  # (B, C, E)
-        logits = self.clip.logit_scale.exp() * torch.einsum("be,bce->bc", normalized, text_features.to(normalized.dtype))
+        logits = self.clip.logit_scale.exp() * torch.einsum("be,bce->bc", normalized,
+                                                            text_features.to(normalized.dtype))  # (B, C)
         return PromptedOutput(logits, image_features, text_features)
 
 

@@ -125,9 +125,10 @@ def parse_args(argv=None):
     p.add_argument("--ctx-init", default="", help='words for the initial context, e.g. "a photo of a"')
     p.add_argument("--class-specific", action="store_true", help="CoOp class-specific context (CSC)")
     p.add_argument("--class-token-position", default="end", choices=prompts.CLASS_TOKEN_POSITIONS)
-    p.add_argument("--template", default=None, help='hand-made prompt of zero-shot CLIP, of MetaPrompt\'s frozen branch '
-                   'and of the frozen teacher (PromptSRC, ProMetaR), "{}" for the class name; default: CoOp\'s for '
-                   'the dataset ("a photo of a {}." for --dataset folder), the teachers\' own ensembles')
+    p.add_argument("--template", default=None,
+                   help='hand-made prompt of zero-shot CLIP, of MetaPrompt\'s frozen branch and of the frozen teacher '
+                        '(PromptSRC, ProMetaR), "{}" for the class name; default: CoOp\'s for the dataset ("a photo of '
+                        'a {}." for --dataset folder), the teachers\' own ensembles')
     p.add_argument("--n-ctx-text", type=int, default=None, help="text prompt tokens (PromptSRC: 4; MetaPrompt: 2)")
     p.add_argument("--n-ctx-vision", type=int, default=None, help="vision prompt tokens (PromptSRC: 4; MetaPrompt: 2)")
     p.add_argument("--text-depth", type=int, default=None, help="text prompt depth (PromptSRC: 9; MetaPrompt: 12, "
@@ -208,8 +209,8 @@ def parse_args(argv=None):
     p.add_argument("--gram-partner-any-leaf", action="store_true",
                    help="SUPMER's mixing partner from any leaf, the task's own included (default: another leaf)")
     p.add_argument("--precision", default=None, choices=list(PRECISIONS),
-                   help="autocast dtype of every forward, meta steps included; prompts, gates, regulators and optimizer "
-                        "state stay float32. Default: bf16 on a CUDA GPU that has it, else fp16 (with a GradScaler for "
+                   help="autocast dtype of every forward, meta steps included; prompts, gates, regulators and "
+                        "optimizer state stay float32. Default: bf16 on a CUDA GPU that has it, else fp16 (with a GradScaler for "
                         "plain backward passes) on CUDA, fp32 on a CPU")
     p.add_argument("--cache-views", type=int, default=0, metavar="N",
                    help="CoOp / CoCoOp: encode N augmented views of every training image once and train on one view "
@@ -224,7 +225,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs)")
     args = p.parse_args(argv)
     if args.template is not None and args.template.count("{}") != 1:
-        p.error(f'--template {args.template!r} must hold "{{}}" once, where the class name goes, e.g. "a photo of a {{}}."')
+        p.error(f'--template {args.template!r} must hold "{{}}" once, where the class name goes, '
+                'e.g. "a photo of a {}."')
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint (a prompts.pt or checkpoint.pt written by train.py)")
     for flag in ("shots", "epochs", "batch_size", "n_ctx", "n_ctx_text", "n_ctx_vision", "num_workers"):
@@ -694,8 +696,9 @@ def main(args):
                                                  target_domain=args.target_domain)
     learner = learner_for(args, clip, args.dataset, classnames)
     params = prompts.prompt_parameters(learner)
-    teacher = prompts.FrozenTeacher(clip, classnames, [args.template] if args.template else
-                                    data.IMAGENET_TEMPLATES_PROMPTSRC) if args.method in ("promptsrc", "prometar") else None
+    teacher_templates = [args.template] if args.template else data.IMAGENET_TEMPLATES_PROMPTSRC
+    teacher = prompts.FrozenTeacher(clip, classnames, teacher_templates) \
+        if args.method in ("promptsrc", "prometar") else None
     gpa_weights = prompts.gaussian_epoch_weights(args.epochs, GPA_MEAN, GPA_STD) \
         if args.method == "promptsrc" else None
     gate = meta.GradientModulator({k: v.shape for k, v in params.items()}, args.dim_rate).to(device) \
@@ -813,7 +816,8 @@ def pair_loss(learner, params, batch) -> tuple:
     images, captions = batch
     out = torch.func.functional_call(learner, params, (images,), {"captions": captions})
     loss = meta.contrastive_loss(out.image_features, out.text_features, learner.clip.logit_scale.exp())
-    return loss, {name: out.contexts[prompts.modality(name)].to(p.dtype) for name, p in params.items()}  # in the prompts dtype
+    contexts = {name: out.contexts[prompts.modality(name)].to(p.dtype) for name, p in params.items()}  # autocast: back
+    return loss, contexts
 
 
 def pair_batch(learner, pairs, index, transform, device) -> tuple:
