@@ -24,6 +24,7 @@ prints the two tables (methods named coop+gram, ivlp+gram). Resumable like `test
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -71,11 +72,22 @@ def training_step(method: str, model, precision: str = "fp32"):
     return lambda: train.prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels)
 
 
-def run_case(case: str, repeats: int, precision: str = "fp32") -> dict:
+def plain_path():
+    """The path every official codebase takes, for the same-run ratio: 77-token text everywhere (no truncation after
+    the last end-of-text token), the math attention kernel everywhere, fp32 (and no caches: the timed steps use
+    none)."""
+    prompts.TRUNCATE_TEXT = False
+    full = clip_model.CLIP.encode_text_embeddings
+    clip_model.CLIP.encode_text_embeddings = lambda self, *a, **k: full(self, *a, **{**k, "truncate": False})
+    return meta.second_order_attention(True)  # sdpa_kernel(SDPBackend.MATH)
+
+
+def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = False) -> dict:
     torch.manual_seed(0)
     model = clip_model.CLIP(**VIT_B16).eval()
+    attention = plain_path() if plain else contextlib.nullcontext()
     if case in CASES["methods"]:
-        step = training_step(case, model, precision)
+        step = training_step(case, model, "fp32" if plain else precision)
     elif case == "image":
         images = torch.randn(BATCH, 3, 224, 224)  # (B, 3, R, R)
         step = lambda: model.encode_image(images)
@@ -83,14 +95,15 @@ def run_case(case: str, repeats: int, precision: str = "fp32") -> dict:
         text = clip_model.tokenize([f"a photo of a class{i} texture." for i in range(DTD_CLASSES)])  # (N, L)
         step = lambda: model.encode_text(text, truncate=case == "text_truncated")
     times = []
-    with torch.set_grad_enabled(case in CASES["methods"]):
+    with torch.set_grad_enabled(case in CASES["methods"]), attention:
         for _ in range(repeats + 1):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
-    return {"case": case, "seconds": statistics.median(times[1:]), "peak_rss_mb": peak_mb,
-            "threads": torch.get_num_threads(), "precision": precision}
+    seconds = statistics.median(times[1:])
+    return {"case": case, "seconds": seconds, "images_per_second": BATCH / seconds, "peak_rss_mb": peak_mb,
+            "threads": torch.get_num_threads(), "precision": "fp32" if plain else precision, "plain": plain}
 
 
 TESTBED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt")
@@ -169,6 +182,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", default="fp32", choices=list(train.PRECISIONS),
                         help="methods: autocast dtype of the training step (train.py --precision)")
+    parser.add_argument("--plain", action="store_true", help="also time the plain path (77-token text, math attention, "
+                        "fp32) of every case in the same run, and print the ratio")
+    parser.add_argument("--plain-case", action="store_true", help=argparse.SUPPRESS)  # one case, plain (internal)
+    parser.add_argument("--json", action="store_true", help="one JSON line per case instead of the table")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="testbed seeds")
     parser.add_argument("--dg-shots", type=int, nargs="+", default=list(DG_SHOTS), help="testbed DG shots")
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
@@ -181,14 +198,28 @@ def main():
         print(run_gram_testbed(args.seeds, args.root, args.output))
         return
     if args.case:
-        print(json.dumps(run_case(args.case, args.repeats, args.precision)))
+        print(json.dumps(run_case(args.case, args.repeats, args.precision, args.plain_case)))
         return
-    print(f"| ViT-B/16, {torch.get_num_threads()} threads, {args.precision} | seconds | peak RSS (MB) |\n|---|---|---|")
+    header = f"| ViT-B/16, {torch.get_num_threads()} threads, {args.precision} | seconds | images/s | peak RSS (MB) |"
+    if args.plain:
+        header += " plain path: seconds | peak RSS (MB) | speed-up |"
+    if not args.json:
+        print(header + "\n" + "|---" * (header.count("|") - 1) + "|")
     for case in CASES[args.what]:
-        out = subprocess.run([sys.executable, __file__, args.what, "--case", case, "--repeats", str(args.repeats),
-                              "--precision", args.precision], check=True, capture_output=True, text=True).stdout
-        result = json.loads(out)
-        print(f"| {case} | {result['seconds']:.3f} | {result['peak_rss_mb']:.0f} |")
+        results = [json.loads(subprocess.run([sys.executable, __file__, args.what, "--case", case, "--repeats",
+                                              str(args.repeats), "--precision", args.precision]
+                                             + (["--plain-case"] if plain else []),
+                                             check=True, capture_output=True, text=True).stdout)
+                   for plain in ((False, True) if args.plain else (False,))]
+        if args.json:
+            print("\n".join(json.dumps(r) for r in results))
+            continue
+        fast = results[0]
+        row = f"| {case} | {fast['seconds']:.3f} | {fast['images_per_second']:.2f} | {fast['peak_rss_mb']:.0f} |"
+        if args.plain:
+            plain = results[1]
+            row += f" {plain['seconds']:.3f} | {plain['peak_rss_mb']:.0f} | {plain['seconds'] / fast['seconds']:.2f}x |"
+        print(row)
 
 
 if __name__ == "__main__":

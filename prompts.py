@@ -146,6 +146,9 @@ def initial_context(clip, ctx_init: str | None, n_ctx: int | None) -> torch.Tens
     return torch.randn(n_ctx, clip.ln_final.weight.shape[0], device=clip.positional_embedding.device) * PROMPT_INIT_STD
 
 
+TRUNCATE_TEXT = True  # ours: prompts end after the longest end-of-text token; False: the official 77 tokens
+
+
 class TextPrompts(nn.Module):
     """The class-list side of a learned text prompt "X X ... X {class}.": the frozen token embeddings around the
     context (CoOp coop.py `token_prefix` / `token_suffix`), cut after the longest end-of-text token (exact under the
@@ -162,7 +165,7 @@ class TextPrompts(nn.Module):
         self.n_ctx = n_ctx
         self.register_buffer("eot_idx", tokenized.argmax(-1), persistent=False)  # (C,)
         self.name_lens = [len(clip_model._tokenizer().encode(name)) for name in names]
-        length = int(self.eot_idx.max()) + 1
+        length = int(self.eot_idx.max()) + 1 if TRUNCATE_TEXT else tokenized.shape[1]
         with torch.no_grad():
             embedding = clip.token_embedding(tokenized[:, :length])  # (C, L', D)
         self.register_buffer("token_prefix", embedding[:, :1].clone(), persistent=False)  # (C, 1, D) SOT

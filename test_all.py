@@ -3199,3 +3199,28 @@ def test_cache_views_encodes_each_view_once_and_trains(harness, tmp_path, monkey
             assert len(matches) == 1 and items[matches[0][1]].label == label
     with pytest.raises(SystemExit):
         train.parse_args(["--method", "ivlp", "--cache-views", "2"])
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop", "ivlp", "maple", "metaprompt"])
+def test_fast_path_equals_plain_path(tiny, method, monkeypatch):
+    """Text cut after the longest end-of-text token and the fused attention kernel give the logits of the plain path
+    (77-token text, math attention), within float tolerance: the fast paths are exact."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    images = torch.randn(3, 3, 32, 32)
+
+    def logits():
+        torch.manual_seed(0)
+        learner = prompts.build_learner(method, tiny, CLASSNAMES, ["a photo of a {}."], n_ctx=4, ctx_init="a photo of a",
+                                        n_ctx_text=2, text_depth=2, vision_depth=2)
+        with torch.no_grad():
+            out = learner(images)
+        return out[0] if isinstance(out, tuple) else out.logits
+
+    fast = logits()
+    monkeypatch.setattr(prompts, "TRUNCATE_TEXT", False)
+    full = clip_model.CLIP.encode_text_embeddings
+    monkeypatch.setattr(clip_model.CLIP, "encode_text_embeddings",
+                        lambda self, *a, **k: full(self, *a, **{**k, "truncate": False}))
+    with sdpa_kernel(SDPBackend.MATH):
+        plain = logits()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
