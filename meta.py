@@ -84,12 +84,16 @@ def inner_update(params: dict, grads: dict, inner_lr: float) -> dict:
     return {name: p - inner_lr * grads[name] for name, p in params.items()}
 
 
-def regularized_gradients(loss_fn, params: dict, batch, gate) -> tuple:
+def regularized_gradients(loss_fn, params: dict, batch, gate, reduce=None) -> tuple:
     """Step A of the released iteration (prometar.py:415-424): the modulated gradient on the whole batch, to be
     applied by an ordinary optimizer step. No graph is kept (the released code builds one and never uses it).
+    `reduce(grad_task, grad_reg)` (optional) maps both gradient dicts before the modulation (data parallelism: the sum
+    over processes).
     Returns (gradients {name: (P)}, every entry of loss_fn's dict detached: "task", "reg" and any extras)."""
     losses = loss_fn(params, batch)
     grad_task, grad_reg = loss_gradients(losses, params, create_graph=False)
+    if reduce is not None:
+        grad_task, grad_reg = reduce(grad_task, grad_reg)
     with torch.no_grad():
         return modulated_gradients(grad_task, grad_reg, gate), {k: v.detach() for k, v in losses.items()}
 
@@ -100,12 +104,14 @@ def second_order_attention(enabled: bool):
 
 
 def meta_loss(loss_fn, outer_loss_fn, params: dict, support, query, gate, *, inner_lr: float, outer_scale: float,
-              first_order: bool = False) -> torch.Tensor:
+              first_order: bool = False, reduce=None) -> torch.Tensor:
     """Step B (prometar.py:426-459): adapt on the support set with the modulated gradient, one step, then the
     scaled outer loss of the adapted parameters on the (augmented) query. Call `.backward()` on the result to get
     the meta-gradients of theta (through theta') and of the gate's parameters phi."""
     with second_order_attention(not first_order):
         grad_task, grad_reg = loss_gradients(loss_fn(params, support), params, create_graph=not first_order)
+    if reduce is not None:  # a differentiable map (data parallelism: the sum over processes)
+        grad_task, grad_reg = reduce(grad_task, grad_reg)
     adapted = inner_update(params, modulated_gradients(grad_task, grad_reg, gate), inner_lr)
     return outer_scale * outer_loss_fn(adapted, query)
 

@@ -1452,9 +1452,11 @@ def meta_setup(tiny):
     frozen = teacher.image_features(images)
     query = labels == 2
     support = (images[~query], labels[~query], frozen[~query])
-    outer_batch = (images, labels, query, ~query, MIX_LAM, MIX_PARTNER)
+    outer_batch = (images, labels, query, ~query, MIX_LAM, MIX_PARTNER)  # masks, as the hand reference reads them
+    positions = (images, labels, query.nonzero()[:, 0], (~query).nonzero()[:, 0][MIX_PARTNER], MIX_LAM, 1.0)
     return {"args": args, "clip": clip, "learner": learner, "teacher": teacher, "params": params, "gate": gate,
-            "images": images, "labels": labels, "frozen": frozen, "support": support, "outer_batch": outer_batch}
+            "images": images, "labels": labels, "frozen": frozen, "support": support, "outer_batch": outer_batch,
+            "outer_positions": positions}
 
 
 def production_meta_loss(s, params=None, first_order=False):
@@ -1462,7 +1464,7 @@ def production_meta_loss(s, params=None, first_order=False):
     import train
     loss_fn = lambda p, b: train.prometar_losses(s["args"], s["learner"], s["teacher"], p, b)
     outer_fn = lambda p, b: train.prometar_outer_loss(s["learner"], p, b)
-    return meta.meta_loss(loss_fn, outer_fn, params or s["params"], s["support"], s["outer_batch"], s["gate"],
+    return meta.meta_loss(loss_fn, outer_fn, params or s["params"], s["support"], s["outer_positions"], s["gate"],
                           inner_lr=INNER_LR, outer_scale=OUTER_SCALE, first_order=first_order)
 
 
@@ -1547,7 +1549,7 @@ def test_first_order_drops_exactly_the_second_order_terms(meta_setup):
         g_task, g_reg = meta.loss_gradients(loss_fn(params, s["support"]), params, create_graph=True)
     modulated = meta.modulated_gradients(g_task, g_reg, s["gate"])
     adapted = {k: v.detach().requires_grad_() for k, v in meta.inner_update(params, modulated, INNER_LR).items()}
-    v = torch.autograd.grad(OUTER_SCALE * train.prometar_outer_loss(s["learner"], adapted, s["outer_batch"]),
+    v = torch.autograd.grad(OUTER_SCALE * train.prometar_outer_loss(s["learner"], adapted, s["outer_positions"]),
                             list(adapted.values()))
     second_order_terms = torch.autograd.grad(list(modulated.values()), theta, grad_outputs=v)
     for a, b, c in zip(second[:n], first[:n], second_order_terms):
@@ -3224,3 +3226,32 @@ def test_fast_path_equals_plain_path(tiny, method, monkeypatch):
     with sdpa_kernel(SDPBackend.MATH):
         plain = logits()
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["coop", "ivlp", "prometar"])
+def test_torchrun_two_processes_equal_one(harness, tmp_path, method):
+    """torchrun --nproc_per_node 2 on gloo (CPU): every process loads the global batch, computes its share, the
+    gradients (ProMetaR's hand-made and meta-gradients, the gate's) are summed by all-reduce; prompts, logged losses
+    and the sharded evaluation equal one process's within float tolerance; process 0 alone writes."""
+    common = ["--dataset", "synthetic", "--root", str(harness / "data"), "--backbone", str(harness / "tiny.pt"),
+              "--shots", "4", "--num-workers", "0", "--no-progress", "--text-depth", "2", "--vision-depth", "2",
+              "--lr", "0.05", "--method", method, "--epochs", "2", "--batch-size", "4"]
+    run_train(harness, tmp_path / "one", "--method", method, "--epochs", "2", "--batch-size", "4")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *common, "--output-dir", str(tmp_path / "two")],
+                            check=False, capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)},
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("results in") == 1  # one process reports
+    one, two = (torch.load(tmp_path / r / "prompts.pt", weights_only=True) for r in ("one", "two"))
+    assert two["config"]["world_size"] == 2
+    for name, value in one["prompts"].items():
+        torch.testing.assert_close(two["prompts"][name], value, rtol=1e-4, atol=1e-5)  # summation order
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(log_one) == len(log_two) == 2 * 3
+    for a, b in zip(log_one, log_two):
+        for key in a:
+            if key not in ("seconds",):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
+    results = [json.loads((tmp_path / r / "results.json").read_text())["splits"] for r in ("one", "two")]
+    assert results[0] == results[1]

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import clip_model
@@ -95,6 +96,7 @@ TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 25.0, 10.0  # PromptSRC configs TEXT_LOSS_
 GPA_MEAN, GPA_STD = 15.0, 1.0  # PromptSRC base-to-new configs GPA_MEAN / GPA_STD (epochs 1..20)
 REGULARIZER_MOMENTUM, REGULARIZER_WEIGHT_DECAY = 0.9, 5e-4  # ProMetaR train.py OPTIM_VNET (Dassl defaults)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
+DISTRIBUTED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar")  # torchrun
 CACHED_VIEW_METHODS = ("coop", "cocoop")  # trainable methods whose image encoder has no prompts (--cache-views)
 EPOCH_SEED_STRIDE = 1000  # epoch e draws its batches and augmentations from seed * stride + e: resumable
 PROTOCOL_EVAL = {"cross_dataset": ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -254,6 +256,7 @@ def parse_args(argv=None):
         args.epochs = COOP_EPOCHS_BY_SHOTS.get(args.shots, max(COOP_EPOCHS_BY_SHOTS.values()))
     if args.method == "zeroshot":
         args.epochs = 0
+    args.rank, args.world_size = 0, 1  # torchrun: set by start_distributed
     args.precision = args.precision or default_precision("cuda" if torch.cuda.is_available() else "cpu")
     if args.metaprompt_clean:
         for flag in METAPROMPT_RELEASED_FLAGS:
@@ -380,6 +383,84 @@ def in_precision(args, device: str, fn):
     return wrapped
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun: every process loads the same global batch (same seeded draws: batches, augmentations, virtual tasks),
+# computes on its contiguous share of it, and the gradients are summed with explicit all-reduces, each process's
+# losses weighted by its share of the batch; so N processes take the step one process takes, within float tolerance.
+
+def start_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on CPUs, nccl on GPUs, one GPU per process);
+    sets args.rank and args.world_size (0 and 1 for a single process)."""
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    args.rank = dist.get_rank() if args.world_size > 1 else 0
+
+
+def share(n: int, args) -> tuple:
+    """This process's contiguous part of n items (torch.tensor_split's) and its weight, part / n."""
+    base, extra = divmod(n, args.world_size)
+    start = args.rank * base + min(args.rank, extra)
+    stop = start + base + (args.rank < extra)
+    return slice(start, stop), (stop - start) / n if n else 0.0
+
+
+def all_reduce_sum(args, tensor: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """The sum over processes (the tensor itself for one process); differentiable=True keeps the autograd graph
+    (torch.distributed.nn: the backward of a sum is the sum of the incoming gradients)."""
+    if args.world_size == 1:
+        return tensor
+    if differentiable:
+        import torch.distributed.nn.functional as dist_fn
+        return dist_fn.all_reduce(tensor)
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def reduce_gradients(args, modules):
+    """Sum the .grad of every parameter of `modules` (the prompts, the gate, the regulators) over processes, in one
+    all-reduce of a flat vector (a gradient missing on some process counts as zero there)."""
+    if args.world_size == 1:
+        return
+    tensors = [p for m in modules for p in (m.values() if isinstance(m, dict) else m.parameters())]
+    flags = torch.tensor([float(p.grad is not None) for p in tensors], device=tensors[0].device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in tensors] + [flags])
+    dist.all_reduce(flat)
+    for p, value, present in zip(tensors, flat[:-len(tensors)].split([p.numel() for p in tensors]),
+                                 flat[-len(tensors):], strict=True):
+        if present > 0:
+            p.grad = value.view_as(p).clone()
+
+
+def reduce_dicts(args, *grads: dict, graph: bool = False) -> tuple:
+    """The sum over processes of gradient dicts, in one differentiable all-reduce of a flat vector: one collective,
+    so every process runs the same collectives in the same order, in the backward pass too. graph=True (the inner
+    step of second-order meta-learning): every process records it, also one whose share was empty (constant zeros)."""
+    if args.world_size == 1:
+        return grads
+    names = [(i, k) for i, g in enumerate(grads) for k in g]
+    values = [grads[i][k] for i, k in names]
+    flat = torch.cat([v.flatten() for v in values])
+    if graph and not flat.requires_grad:
+        flat = flat.detach().requires_grad_()
+    total = all_reduce_sum(args, flat, differentiable=True)
+    out = [{} for _ in grads]
+    for (i, k), v, piece in zip(names, values, total.split([v.numel() for v in values]), strict=True):
+        out[i][k] = piece.view_as(v)
+    return tuple(out)
+
+
+def gather_rows(args, tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of every process's share, in order (logits for the logged training accuracy)."""
+    if args.world_size == 1:
+        return tensor
+    parts = [None] * args.world_size
+    dist.all_gather_object(parts, tensor.detach().cpu())
+    return torch.cat(parts).to(tensor.device)
+
+
 def seed_everything(seed: int):
     import random
 
@@ -480,11 +561,15 @@ def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device, 
     GradScaler). With GRAM's frozen
     `regulators`, every prompt gradient is replaced by psi(g, e) after the backward and before the step (SUPMER:
     model/trainer.py:829-836), e the batch's context of the prompt's encoder."""
+    part, weight = share(len(labels), args)  # torchrun: this process's part of the batch
     with autocast(args, device):
-        losses, logits, contexts = training_losses(args, learner, teacher, images, labels,
+        losses, logits, contexts = training_losses(args, learner, teacher, images[part], labels[part],
                                                    with_context=regulators is not None)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(sum(losses.values())).backward()
+    scaler.scale(weight * sum(losses.values())).backward()
+    reduce_gradients(args, [prompts.prompt_parameters(learner)])
+    if regulators is not None and args.world_size > 1 and "vision" in contexts:  # the batch mean over processes
+        contexts["vision"] = all_reduce_sum(args, weight * contexts["vision"].detach())
     if regulators is not None:
         scaler.unscale_(optimizer)
         with torch.no_grad():
@@ -493,7 +578,8 @@ def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device, 
                     p.grad = regulators(name, p.grad, contexts[prompts.modality(name)].to(p.grad.dtype))[0]
     scaler.step(optimizer)
     scaler.update()
-    return losses, logits
+    losses = {k: all_reduce_sum(args, weight * v.detach()) for k, v in losses.items()}
+    return losses, gather_rows(args, logits)
 
 
 def prometar_losses(args, learner, teacher, params, batch) -> dict:
@@ -510,40 +596,67 @@ def prometar_losses(args, learner, teacher, params, batch) -> dict:
 
 
 def prometar_outer_loss(learner, params, batch) -> torch.Tensor:
-    """Mixup CE of the adapted prompts on the virtual task's query (prometar.py:299-304, 320-321): query image
-    features mixed with support partners after the projection, before normalisation; one pass over the batch."""
-    images, labels, query, support, lam, partner = batch
-    out = torch.func.functional_call(learner, params, (images,))
-    mixed = meta.manifold_mixup(out.image_features[query], out.image_features[support], lam, partner)  # (Bq, E)
-    logits = prompts.clip_logits(learner.clip, F.normalize(mixed, dim=-1), out.text_features)  # (Bq, C)
-    return meta.mixup_cross_entropy(logits, labels[query], labels[support][partner.to(labels.device)], lam)
+    """Mixup CE of the adapted prompts on the virtual task's query (prometar.py:299-304, 320-321): each query image's
+    features mixed with its support partner's after the projection, before normalisation, in one pass over the images
+    involved. batch = (images, labels, query positions (q,), their partners' positions (q,), lam (q,), weight): under
+    torchrun a process holds part of the query, and `weight`, its share, makes the sum over processes the mean."""
+    images, labels, query, partner, lam, weight = batch
+    if len(query) == 0:  # torchrun: none of the query is this process's; zero, still through the inner step's sum
+        return sum(p.sum() for p in params.values()) * 0.0
+    involved, inverse = torch.unique(torch.cat([query, partner]), return_inverse=True)
+    out = torch.func.functional_call(learner, params, (images[involved],))
+    features = out.image_features[inverse]  # (2q, E): the query's, then their partners'
+    mixed = meta.manifold_mixup(features[:len(query)], features[len(query):], lam, torch.arange(len(query)))
+    logits = prompts.clip_logits(learner.clip, F.normalize(mixed, dim=-1), out.text_features)  # (q, C)
+    return weight * meta.mixup_cross_entropy(logits, labels[query], labels[partner], lam)
 
 
 def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels):
     """One ProMetaR iteration as released (prometar.py:410-466): step A, an SGD step with the modulated gradient
     on the whole batch; step B, one virtual task (skipped for a single-class batch), whose meta-gradient updates
-    the prompts (a second step of the same optimizer) and the gate phi."""
+    the prompts (a second step of the same optimizer) and the gate phi. Under torchrun each process computes the
+    losses of its share of the batch (of the support set, of the query) weighted by that share, and the gradients are
+    summed before the gate modulates them (the inner step's sum keeps its graph), so every process takes the step of
+    one process on the whole batch."""
     params, device = prompts.prompt_parameters(learner), images.device.type
     with autocast(args, device):
         frozen_image = teacher.image_features(images) if getattr(learner, "vision_ctx", None) is not None else None
-    loss_fn = in_precision(args, device, lambda p, batch: prometar_losses(args, learner, teacher, p, batch))
+
+    def loss_fn(p, batch, weight=1.0):  # weight: this process's share of the batch
+        if len(batch[1]) == 0:  # torchrun: an empty share (a support set smaller than the processes)
+            zero = sum(v.sum() for v in p.values()) * 0.0
+            return {"task": zero, "reg": zero, "logits": torch.zeros(0, device=images.device)}
+        with autocast(args, device):
+            losses = prometar_losses(args, learner, teacher, p, batch)
+        return {k: weight * v if k in ("task", "reg") else v for k, v in losses.items()}
+
     outer_fn = in_precision(args, device, lambda p, batch: prometar_outer_loss(learner, p, batch))
-    grads, losses = meta.regularized_gradients(loss_fn, params, (images, labels, frozen_image), gate)  # step A
+    reduce = lambda grad_task, grad_reg: reduce_dicts(args, grad_task, grad_reg)  # step A: no graph
+    reduce_inner = lambda grad_task, grad_reg: reduce_dicts(args, grad_task, grad_reg, graph=not args.first_order)
+    part, weight = share(len(labels), args)
+    local = (images[part], labels[part], None if frozen_image is None else frozen_image[part])
+    grads, losses = meta.regularized_gradients(lambda p, b: loss_fn(p, b, weight), params, local, gate,
+                                               reduce=reduce)  # step A
     if args.meta_second_step:
         apply_gradients(optimizer, params, grads)
     task = meta.split_virtual_task(labels)
     optimizer.zero_grad(set_to_none=True)
     gate_optimizer.zero_grad(set_to_none=True)
     if task is not None:  # step B
-        query, support = task
-        lam, partner = meta.sample_mixup(int(query.sum()), int(support.sum()), args.mixup_alpha, args.mixup_beta)
-        support_batch = (images[support], labels[support], None if frozen_image is None else frozen_image[support])
-        loss_meta = meta.meta_loss(loss_fn, outer_fn, params, support_batch,
-                                   (images, labels, query, support, lam, partner), gate,
-                                   inner_lr=args.meta_inner_lr, outer_scale=args.meta_outer_scale,
-                                   first_order=args.first_order)
+        query, support = (mask.nonzero()[:, 0] for mask in task)  # positions in the batch
+        lam, partner = meta.sample_mixup(len(query), len(support), args.mixup_alpha, args.mixup_beta)
+        s_part, s_weight = share(len(support), args)
+        mine = support[s_part]
+        support_batch = (images[mine], labels[mine], None if frozen_image is None else frozen_image[mine])
+        q_part, q_weight = share(len(query), args)
+        query_batch = (images, labels, query[q_part], support[partner.to(support.device)][q_part], lam[q_part],
+                       q_weight)
+        loss_meta = meta.meta_loss(lambda p, b: loss_fn(p, b, s_weight), outer_fn, params, support_batch,
+                                   query_batch, gate, inner_lr=args.meta_inner_lr, outer_scale=args.meta_outer_scale,
+                                   first_order=args.first_order, reduce=reduce_inner)
         loss_meta.backward()
-        losses["meta"] = loss_meta.detach()
+        reduce_gradients(args, [params, gate])
+        losses["meta"] = all_reduce_sum(args, loss_meta.detach())
     if args.meta_second_step:
         if task is not None:
             optimizer.step()
@@ -551,7 +664,9 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
         apply_gradients(optimizer, params, {k: grads[k] + (p.grad if p.grad is not None else 0)
                                             for k, p in params.items()})
     gate_optimizer.step()
-    logits = losses.pop("logits")  # step A's, before its update
+    logits = gather_rows(args, losses.pop("logits"))  # step A's, before its update
+    for key in ("task", "reg"):
+        losses[key] = all_reduce_sum(args, losses[key].clone())
     return losses, logits
 
 
@@ -639,12 +754,14 @@ def evaluate(args, clip, state, dataset, subsample, device, target_domain=None) 
                                                 subsample=subsample, target_domain=target_domain)
     learner = learner_for(args, clip, dataset, classnames)
     prompts.load_prompts(learner, state)
-    dtype = PRECISIONS[args.precision]
+    dtype, mine = PRECISIONS[args.precision], test[share(len(test), args)[0]]  # torchrun: a shard per process
     if isinstance(learner, prompts.FROZEN_IMAGE):  # image features once per backbone, for every subset and method
-        features = frozen_image_features(clip, args.backbone, dataset, args.root, test, device, dtype, args.num_workers)
-        return data.classification_metrics([d.label for d in test], prompts.predict_features(learner, features))
-    loader = data.build_loader(test, train=False, size=clip.visual.input_resolution, num_workers=args.num_workers)
-    return data.classification_metrics(*prompts.predict(learner, loader, device, dtype))
+        features = frozen_image_features(clip, args.backbone, dataset, args.root, mine, device, dtype, args.num_workers)
+        labels, preds = torch.tensor([d.label for d in mine]), prompts.predict_features(learner, features)
+    else:
+        loader = data.build_loader(mine, train=False, size=clip.visual.input_resolution, num_workers=args.num_workers)
+        labels, preds = prompts.predict(learner, loader, device, dtype)
+    return data.classification_metrics(gather_rows(args, labels), gather_rows(args, preds))
 
 
 def frozen_image_features(clip, backbone, dataset, root, items, device, dtype, num_workers) -> torch.Tensor:
@@ -682,6 +799,10 @@ def write_results(args, splits, device, wall_time):
 
 def main(args):
     start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
+    start_distributed(args)  # torchrun: one process per device; process 0 writes checkpoints, logs and results
+    lead = args.rank == 0
+    if args.world_size > 1 and args.method not in DISTRIBUTED_METHODS:
+        raise ValueError(f"--method {args.method} runs in one process; torchrun supports {', '.join(DISTRIBUTED_METHODS)}")
     gram = check_inputs(args)
     seed_everything(args.seed)
     clip = clip_model.load(args.backbone, device=device)
@@ -719,8 +840,9 @@ def main(args):
             gate.load_state_dict(ckpt["gate"])
             gate_optimizer.load_state_dict(ckpt["gate_optimizer"])
     views = cached_views(args, clip, train, device) if args.cache_views else None
-    print(json.dumps(vars(args)))
-    log = open_log(os.path.join(args.output_dir, "log.jsonl"), start_epoch)
+    if lead:
+        print(json.dumps(vars(args)))
+    log = open_log(os.path.join(args.output_dir, "log.jsonl"), start_epoch, write=lead)
     for epoch in range(start_epoch, args.epochs):
         # --- ALGO: one epoch of SGD on the few-shot training set (CoOp Sec. 3.2, Dassl schedule) ---
         lr = dassl_lr(epoch, args.lr, args.epochs)
@@ -748,28 +870,35 @@ def main(args):
         # --- bookkeeping: Gaussian prompt aggregation snapshot, atomic checkpoint ---
         if gpa_weights is not None:
             snapshots.append({k: v.detach().clone() for k, v in params.items()})
-        save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "optimizer": optimizer.state_dict(),
-                     "epoch": epoch + 1, "snapshots": snapshots, "config": vars(args), "classnames": classnames,
-                     "gate": gate.state_dict() if gate is not None else None,
-                     "gate_optimizer": gate_optimizer.state_dict() if gate is not None else None}, ckpt_path)
+        if lead:
+            save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "optimizer": optimizer.state_dict(),
+                         "epoch": epoch + 1, "snapshots": snapshots, "config": vars(args), "classnames": classnames,
+                         "gate": gate.state_dict() if gate is not None else None,
+                         "gate_optimizer": gate_optimizer.state_dict() if gate is not None else None}, ckpt_path)
     log.close()
     if gpa_weights is not None and snapshots:  # PromptSRC Sec. 3.3: the final prompts are the Gaussian average
         prompts.load_prompts(learner, prompts.aggregate_prompts(snapshots, gpa_weights))
     final = {k: v.detach() for k, v in prompts.prompt_parameters(learner).items()}
-    save_atomic({"prompts": final, "config": vars(args), "classnames": classnames},
-                os.path.join(args.output_dir, "prompts.pt"))
+    if lead:
+        save_atomic({"prompts": final, "config": vars(args), "classnames": classnames},
+                    os.path.join(args.output_dir, "prompts.pt"))
     splits = {name: evaluate(args, clip, final, dataset, subsample, device, target)
               for name, dataset, subsample, target in evaluation_targets(args)}
+    if not lead:
+        return
     results = write_results(args, splits, device, time.time() - start_time)
     summary = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in splits.items())
     print(f"{summary}" + (f", HM {results['hm']:.2f}" if "hm" in results else "")
           + f"; results in {os.path.join(args.output_dir, 'results.json')}")
 
 
-def open_log(path, start_epoch, key="epoch"):
+def open_log(path, start_epoch, key="epoch", write=True):
     """The per-iteration log, `log.jsonl`, opened for appending. A fresh run starts it empty; a resumed run keeps
     the lines of the epochs its checkpoint holds and drops those of the interrupted epoch, which runs again, so
-    every iteration appears exactly once (GRAM: key="step", the steps its checkpoint holds)."""
+    every iteration appears exactly once (GRAM: key="step", the steps its checkpoint holds). write=False (torchrun's
+    other processes): a sink."""
+    if not write:
+        return open(os.devnull, "w")
     kept = []
     if start_epoch > 0 and os.path.exists(path):
         with open(path) as f:
