@@ -20,7 +20,9 @@ Every input that needs no download (datasets, folders, shots, target domain, bac
 the backbone is loaded (`check_inputs`); each run folder gets `log.jsonl`, one JSON line per iteration.
 GRAM (arXiv:2303.06571v2; no released code, its form from SUPMER's): `--method gram --pairs PAIRS.csv` meta-trains a
 prompt initialisation and gradient regulators on image-caption pairs; `--method coop|ivlp --gram FILE` uses them.
-Not included: multi-GPU.
+`torchrun --nproc_per_node N train.py ...`: data parallel, each process on its share of the same global batch, the
+gradients summed by explicit all-reduces (ProMetaR's meta step included); not yet MetaPrompt and GRAM. `--precision`
+sets the autocast dtype of every forward; `--cache-views N` trains CoOp / CoCoOp on N cached views of each image.
 """
 
 import argparse
