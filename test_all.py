@@ -3111,14 +3111,22 @@ BF16_TOLERANCE = 0.05  # absolute, on losses of order 1 (bf16 keeps 8 bits of ma
 
 
 @pytest.mark.parametrize("method", ["coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt", "gram"])
-def test_bf16_autocast_losses_stay_within_tolerance_of_fp32(harness, gram_pairs, tmp_path, method):
+def test_bf16_autocast_losses_stay_within_tolerance_of_fp32(harness, gram_pairs, tmp_path, method, monkeypatch):
     """--precision bf16 (here on the CPU) runs every forward, the meta steps' second-order regions included, under
     autocast: the first iteration's losses differ from fp32 (the path ran) by less than BF16_TOLERANCE, and the
     prompts stay float32."""
     import train
-    logs = {}
+    logs, dtypes = {}, []
+    encode = clip_model.CLIP.encode_image
+
+    def spy(self, *a, **k):
+        out = encode(self, *a, **k)
+        dtypes.append((out[0] if isinstance(out, tuple) else out).dtype)
+        return out
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
+        dtypes.clear()
+        monkeypatch.setattr(clip_model.CLIP, "encode_image", spy)
         if method == "gram":
             train.run(gram_args(harness, gram_pairs, out, "--gram-steps", "1", "--precision", precision))
         else:
@@ -3126,6 +3134,8 @@ def test_bf16_autocast_losses_stay_within_tolerance_of_fp32(harness, gram_pairs,
         logs[precision] = read_log(out)[0]
         saved = torch.load(out / ("gram.pt" if method == "gram" else "prompts.pt"), weights_only=True)["prompts"]
         assert all(v.dtype == torch.float32 for v in saved.values())
+        if method != "gram":  # (GRAM's one-off clustering of frozen features is not a training forward)
+            assert set(dtypes) == {torch.float32 if precision == "fp32" else torch.bfloat16}, (precision, dtypes)
     keys = [k for k in logs["fp32"] if k not in ("epoch", "iteration", "step", "seconds", "lr", "accuracy", "lam",
                                                    "agreement", "gate")]
     assert keys and any(logs["fp32"][k] != logs["bf16"][k] for k in keys)
@@ -3178,12 +3188,16 @@ def test_cache_views_encodes_each_view_once_and_trains(harness, tmp_path, monkey
     original = clip_model.CLIP.encode_image
     monkeypatch.setattr(clip_model.CLIP, "encode_image", lambda self, images, *a, **k: encoded.append(
         images.shape[0]) or original(self, images, *a, **k))
-    steps = []
+    steps, seeds = [], []
+    view_batches = train.view_batches
+    monkeypatch.setattr(train, "view_batches", lambda views, items, size, seed: seeds.append(seed) or
+                        view_batches(views, items, size, seed))
     sgd_step = train.sgd_step
     monkeypatch.setattr(train, "sgd_step", lambda *a, **k: steps.append(sum(encoded)) or sgd_step(*a, **k))
     args = run_train(harness, tmp_path / "views", "--method", "coop", "--n-ctx", "4", "--epochs", "4",
                      "--cache-views", "3", "--batch-size", "5")
     assert steps and set(steps) == {3 * 12}  # 3 base classes x 4 shots, 3 views each, all before the first step
+    assert seeds == [1000 + epoch for epoch in range(4)]  # each epoch's own draw (seed 1)
     assert len(read_log(tmp_path / "views")) == 4 * (12 // 5)
     assert training_loss(harness, args, tmp_path / "views" / "prompts.pt") < \
         training_loss(harness, run_train(harness, tmp_path / "init", "--method", "coop", "--n-ctx", "4", "--epochs",
