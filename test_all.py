@@ -3149,7 +3149,8 @@ def test_frozen_image_evaluation_encodes_each_test_image_once(harness, tmp_path,
     plain path (images through the learner); an edited image is encoded again."""
     import train
     root = tmp_path / "data"
-    shutil.copytree(harness / "data" / "synthetic", root / "synthetic")
+    shutil.copytree(harness / "data" / "synthetic", root / "synthetic",
+                    ignore=shutil.ignore_patterns(data.FEATURE_CACHE_DIR))  # other tests' evaluations cached theirs
     encoded = []
     original = clip_model.CLIP.encode_image
     monkeypatch.setattr(clip_model.CLIP, "encode_image", lambda self, images, *a, **k: encoded.append(
