@@ -258,9 +258,16 @@ def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num
     clip = clip_model.load(backbone or config["backbone"], device=device)
     _, _, test, classnames = data.build_dataset(dataset, root, shots=config["shots"], seed=config["seed"],
                                                 subsample=subsample, target_domain=config.get("target_domain"))
-    learner = checkpoint_learner(ckpt, clip, classnames, dataset)
+    learner, dtype = checkpoint_learner(ckpt, clip, classnames, dataset), prompts.default_dtype(device)
+    if isinstance(learner, prompts.FROZEN_IMAGE):  # CLIP's own image features, cached per backbone (as train.py)
+        tag = prompts.feature_tag(clip, backbone or config["backbone"], dtype)
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+            features = data.cached_image_features(test, lambda images: clip.encode_image(images.to(device)),
+                                                  data.feature_cache_file(dataset, root, tag),
+                                                  clip.visual.input_resolution, num_workers)
+        return data.classification_metrics([d.label for d in test], prompts.predict_features(learner, features))
     loader = data.build_loader(test, train=False, size=clip.visual.input_resolution, num_workers=num_workers)
-    return data.classification_metrics(*prompts.predict(learner, loader, device, prompts.default_dtype(device)))
+    return data.classification_metrics(*prompts.predict(learner, loader, device, dtype))
 
 
 # --- prediction with trained prompts ------------------------------------------------------------------------------

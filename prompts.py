@@ -21,6 +21,7 @@ K templates.
 """
 
 import copy
+import hashlib
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -577,6 +578,13 @@ def predict_features(learner: nn.Module, image_features: torch.Tensor, batch_siz
     device = learner.clip.logit_scale.device
     return torch.cat([learner.classify(chunk.to(device)).logits.argmax(-1).cpu()
                       for chunk in image_features.split(batch_size)])
+
+
+def feature_tag(clip, backbone, dtype) -> str:
+    """What frozen image features depend on: the backbone (name or file SHA256), its input size and the autocast
+    dtype; names the feature cache file of a dataset."""
+    key = f"{clip_model.fingerprint(backbone)} {clip.visual.input_resolution} {dtype}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def default_dtype(device) -> torch.dtype:

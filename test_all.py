@@ -3174,7 +3174,12 @@ def test_frozen_image_evaluation_encodes_each_test_image_once(harness, tmp_path,
             loader = data.build_loader(items, train=False, size=32, num_workers=0)
             plain = data.classification_metrics(*prompts.predict(learner, loader, "cpu"))
             assert results[subsample]["accuracy"] == pytest.approx(plain["accuracy"]), (method, subsample)
-    encoded.clear()
+    import eval as evaluation
+    encoded.clear()  # eval.py reads the same cache
+    assert evaluation.evaluate_checkpoint(tmp_path / "coop1" / "prompts.pt", "synthetic", root, "new",
+                                          num_workers=0)["accuracy"] == pytest.approx(
+        json.loads((tmp_path / "coop1" / "results.json").read_text())["splits"]["new"]["accuracy"])
+    assert sum(encoded) == 0
     os.utime(test[0].impath, ns=(1, 1))  # an edited image (new modification time) is encoded again
     run_train(harness, tmp_path / "again", "--root", str(root), "--method", "coop", "--epochs", "0")
     assert sum(encoded) == 1

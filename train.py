@@ -769,10 +769,10 @@ def evaluate(args, clip, state, dataset, subsample, device, target_domain=None) 
 def frozen_image_features(clip, backbone, dataset, root, items, device, dtype, num_workers) -> torch.Tensor:
     """CLIP's own image features (N, E) of `items`, cached in the dataset folder per backbone, resolution and dtype
     (data.cached_image_features): each image is encoded once."""
-    tag = hashlib.sha256(f"{clip_model.fingerprint(backbone)} {clip.visual.input_resolution} {dtype}".encode())
     with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
         return data.cached_image_features(items, lambda images: clip.encode_image(images.to(device)),
-                                          data.feature_cache_file(dataset, root, tag.hexdigest()[:16]),
+                                          data.feature_cache_file(dataset, root, prompts.feature_tag(clip, backbone,
+                                                                                                      dtype)),
                                           clip.visual.input_resolution, num_workers)
 
 
