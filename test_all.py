@@ -3275,3 +3275,25 @@ def test_torchrun_two_processes_equal_one(harness, tmp_path, method):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
     results = [json.loads((tmp_path / r / "results.json").read_text())["splits"] for r in ("one", "two")]
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("method", ["coop", "ivlp"])
+def test_compile_changes_no_result(harness, tmp_path, method, monkeypatch):
+    """--compile (here torch.compile's aot_eager backend: the same graph capture, no C compiler needed) trains to the
+    prompts of the eager run within float tolerance; methods with a double backward are refused."""
+    import train
+    eager = run_train(harness, tmp_path / "eager", "--method", method, "--epochs", "1", "--n-ctx", "4")
+    from torch._dynamo.utils import counters
+    graphs, compiled, compile_ = counters["stats"]["unique_graphs"], [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: compiled.append(type(fn.__self__).__name__) or
+                        compile_(fn, **k))
+    run_train(harness, tmp_path / "compiled", "--method", method, "--epochs", "1", "--n-ctx", "4", "--compile",
+              "--compile-backend", "aot_eager")
+    assert sorted(compiled) == ["Transformer", "VisionTransformer"]  # the image encoder and the text transformer
+    assert counters["stats"]["unique_graphs"] > graphs  # and they did run through torch.compile
+    a, b = (torch.load(tmp_path / r / "prompts.pt", weights_only=True)["prompts"] for r in ("eager", "compiled"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+    assert eager.compile is False
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "prometar", "--compile"])

@@ -98,6 +98,7 @@ TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 25.0, 10.0  # PromptSRC configs TEXT_LOSS_
 GPA_MEAN, GPA_STD = 15.0, 1.0  # PromptSRC base-to-new configs GPA_MEAN / GPA_STD (epochs 1..20)
 REGULARIZER_MOMENTUM, REGULARIZER_WEIGHT_DECAY = 0.9, 5e-4  # ProMetaR train.py OPTIM_VNET (Dassl defaults)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
+COMPILE_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc")  # no double backward in their step
 DISTRIBUTED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar")  # torchrun
 CACHED_VIEW_METHODS = ("coop", "cocoop")  # trainable methods whose image encoder has no prompts (--cache-views)
 EPOCH_SEED_STRIDE = 1000  # epoch e draws its batches and augmentations from seed * stride + e: resumable
@@ -219,6 +220,10 @@ def parse_args(argv=None):
     p.add_argument("--cache-views", type=int, default=0, metavar="N",
                    help="CoOp / CoCoOp: encode N augmented views of every training image once and train on one view "
                         "per image per epoch, drawn from the epoch seed (changes the augmentation stream; 0: off)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile CLIP's image encoder and text transformer (plain-step methods: the meta steps' "
+                        "double backward cannot run compiled)")
+    p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager, no compiler
     p.add_argument("--num-workers", type=int, default=None, help=f"loader processes ({data.NUM_WORKERS})")
     p.add_argument("--output-dir", default=None, help="default: output/<protocol>/<dataset>/<method>/shots_K/seed_S")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
@@ -269,6 +274,9 @@ def parse_args(argv=None):
     if args.cache_views and (args.method not in CACHED_VIEW_METHODS or args.gram):
         p.error(f"--cache-views caches CLIP's own image features: it works for {', '.join(CACHED_VIEW_METHODS)} "
                 "(no prompts in the image encoder), without --gram")
+    if args.compile and args.method not in COMPILE_METHODS:
+        p.error(f"--compile works for {', '.join(COMPILE_METHODS)}: torch.compile cannot take the double backward of "
+                f"{args.method}'s meta step")
     if args.gram and args.method not in ("coop", "ivlp"):
         p.error(f"--gram plugs into --method coop or ivlp, not {args.method}")
     if args.method == "gram":
@@ -808,6 +816,9 @@ def main(args):
     gram = check_inputs(args)
     seed_everything(args.seed)
     clip = clip_model.load(args.backbone, device=device)
+    if args.compile:  # the frozen encoders' forward passes; gradients still reach the prompts through them
+        clip.visual.forward = torch.compile(clip.visual.forward, backend=args.compile_backend)
+        clip.transformer.forward = torch.compile(clip.transformer.forward, backend=args.compile_backend)
     if args.eval_only:  # evaluate a saved model on any class subset
         ckpt = prompts.read_checkpoint(args.checkpoint, args.method)
         metrics = evaluate(args, clip, ckpt["prompts"], args.dataset, args.subsample, device, args.target_domain)
