@@ -82,9 +82,12 @@ def plain_path():
     return meta.second_order_attention(True)  # sdpa_kernel(SDPBackend.MATH)
 
 
-def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = False) -> dict:
+def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = False, compile_: bool = False) -> dict:
     torch.manual_seed(0)
     model = clip_model.CLIP(**VIT_B16).eval()
+    if compile_:  # as train.py --compile; the warm-up iteration (not timed) compiles
+        model.visual.forward = torch.compile(model.visual.forward)
+        model.transformer.forward = torch.compile(model.transformer.forward)
     attention = plain_path() if plain else contextlib.nullcontext()
     if case in CASES["methods"]:
         step = training_step(case, model, "fp32" if plain else precision)
@@ -103,7 +106,8 @@ def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = Fal
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
     seconds = statistics.median(times[1:])
     return {"case": case, "seconds": seconds, "images_per_second": BATCH / seconds, "peak_rss_mb": peak_mb,
-            "threads": torch.get_num_threads(), "precision": "fp32" if plain else precision, "plain": plain}
+            "threads": torch.get_num_threads(), "precision": "fp32" if plain else precision, "plain": plain,
+            "compiled": compile_}
 
 
 TESTBED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt")
@@ -186,6 +190,7 @@ def main():
                         "fp32) of every case in the same run, and print the ratio")
     parser.add_argument("--plain-case", action="store_true", help=argparse.SUPPRESS)  # one case, plain (internal)
     parser.add_argument("--json", action="store_true", help="one JSON line per case instead of the table")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoders (train.py --compile)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="testbed seeds")
     parser.add_argument("--dg-shots", type=int, nargs="+", default=list(DG_SHOTS), help="testbed DG shots")
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
@@ -198,7 +203,7 @@ def main():
         print(run_gram_testbed(args.seeds, args.root, args.output))
         return
     if args.case:
-        print(json.dumps(run_case(args.case, args.repeats, args.precision, args.plain_case)))
+        print(json.dumps(run_case(args.case, args.repeats, args.precision, args.plain_case, args.compile)))
         return
     header = f"| ViT-B/16, {torch.get_num_threads()} threads, {args.precision} | seconds | images/s | peak RSS (MB) |"
     if args.plain:
@@ -208,7 +213,8 @@ def main():
     for case in CASES[args.what]:
         results = [json.loads(subprocess.run([sys.executable, __file__, args.what, "--case", case, "--repeats",
                                               str(args.repeats), "--precision", args.precision]
-                                             + (["--plain-case"] if plain else []),
+                                             + (["--plain-case"] if plain else [])
+                                             + (["--compile"] if args.compile and not plain else []),
                                              check=True, capture_output=True, text=True).stdout)
                    for plain in ((False, True) if args.plain else (False,))]
         if args.json:
