@@ -219,7 +219,7 @@ def domain_splits(domains: torch.Tensor, released_range: bool = True) -> list:
 
 def domain_split_update(loss_fn, params: dict, name: str, splits: list, buffers: dict, *, lr: float,
                         meta_step: float, momentum: float, weight_decay: float, inner_optimizer: bool = True,
-                        frozen_drift: bool = True, aliased_restore: bool = True) -> tuple:
+                        frozen_drift: bool = True, aliased_restore: bool = True, reduce=None) -> tuple:
     """MetaPrompt's domain-split update of the prompt `name` (B2N: the text prompt; DG: the visual prompt).
 
     For each split (support, query): an inner step on the support loss, the first-order gradient g_i of the query
@@ -234,12 +234,15 @@ def domain_split_update(loss_fn, params: dict, name: str, splits: list, buffers:
       aliased_restore: `ctx.data = deepcopy_before_the_loop` makes ctx share the snapshot's storage, so the first
         split is restored exactly and every later inner step is kept: split i >= 2 starts from split i-1's adapted
         prompt, and the final write applies to the last adapted prompt (two halves: theta_1' - lr 0.2 (g0 + g1)).
+    `reduce` (optional) maps every gradient taken (data parallelism: the sum over processes).
     Returns (new params {name: tensor}, new buffers); nothing is written in place."""
+    reduce = reduce or (lambda g: g)
     theta0 = {k: v.detach() for k, v in params.items()}
     current, buffers, meta_grads = dict(theta0), dict(buffers), []
     for support, query in splits:
         base = current[name].detach().requires_grad_()
         (g,) = torch.autograd.grad(loss_fn({**current, name: base}, support), [base])
+        g = reduce(g)
         if inner_optimizer:
             grads = {k: (g if k == name else torch.zeros_like(v)) for k, v in current.items()
                      if k == name or frozen_drift}
@@ -250,6 +253,7 @@ def domain_split_update(loss_fn, params: dict, name: str, splits: list, buffers:
         adapted = {k: v.detach() for k, v in adapted.items()}
         query_point = adapted[name].requires_grad_()
         (g_query,) = torch.autograd.grad(loss_fn({**adapted, name: query_point}, query), [query_point])
+        g_query = reduce(g_query)
         meta_grads.append(g_query)
         restored = adapted[name].detach() if aliased_restore and len(meta_grads) > 1 else theta0[name]
         current = {**adapted, name: restored}

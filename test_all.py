@@ -3248,7 +3248,7 @@ def test_fast_path_equals_plain_path(tiny, method, monkeypatch):
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["coop", "ivlp", "prometar"])
+@pytest.mark.parametrize("method", ["coop", "ivlp", "prometar", "metaprompt"])
 def test_torchrun_two_processes_equal_one(harness, tmp_path, method):
     """torchrun --nproc_per_node 2 on gloo (CPU): every process loads the global batch, computes its share, the
     gradients (ProMetaR's hand-made and meta-gradients, the gate's) are summed by all-reduce; prompts, logged losses

@@ -99,7 +99,7 @@ GPA_MEAN, GPA_STD = 15.0, 1.0  # PromptSRC base-to-new configs GPA_MEAN / GPA_ST
 REGULARIZER_MOMENTUM, REGULARIZER_WEIGHT_DECAY = 0.9, 5e-4  # ProMetaR train.py OPTIM_VNET (Dassl defaults)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 COMPILE_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc")  # no double backward in their step
-DISTRIBUTED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar")  # torchrun
+DISTRIBUTED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt")
 CACHED_VIEW_METHODS = ("coop", "cocoop")  # trainable methods whose image encoder has no prompts (--cache-views)
 EPOCH_SEED_STRIDE = 1000  # epoch e draws its batches and augmentations from seed * stride + e: resumable
 PROTOCOL_EVAL = {"cross_dataset": ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -425,6 +425,7 @@ def all_reduce_sum(args, tensor: torch.Tensor, differentiable: bool = False) -> 
     if differentiable:
         import torch.distributed.nn.functional as dist_fn
         return dist_fn.all_reduce(tensor)
+    tensor = tensor.contiguous().clone()  # never in place into a view (an expanded zero gradient has stride 0)
     dist.all_reduce(tensor)
     return tensor
 
@@ -708,39 +709,53 @@ def metaprompt_step(args, learner, optimizer, images, labels, domains):
     (meta.domain_split_update), at the optimizer's live lr. Base-to-new: the text prompt over two random class halves,
     the inner and meta-test losses CE(l_t) on each half's classes (only the text branch runs: the frozen image
     features of the batch are computed once). Multi-source DG: the visual prompt, leave-one-domain-out in the batch,
-    CE(l_i) over all classes (only the image branch runs)."""
-    device = images.device.type
+    CE(l_i) over all classes (only the image branch runs). Under torchrun each process takes its share of the batch
+    and of every split's sets, weighted by that share, and the gradients are summed."""
+    device, params = images.device.type, prompts.prompt_parameters(learner)
+    part, weight = share(len(labels), args)
     with autocast(args, device):
         frozen_image = learner.frozen_image_features(images)  # (B, E), once per batch
-        losses, logits = metaprompt_in_domain_losses(learner, images, labels, frozen_image)  # step A
+        losses, logits = metaprompt_in_domain_losses(learner, images[part], labels[part], frozen_image[part])  # A
     optimizer.zero_grad(set_to_none=True)
-    sum(losses.values()).backward()
+    (weight * sum(losses.values())).backward()
+    reduce_gradients(args, [params])
     optimizer.step()
-    params = prompts.prompt_parameters(learner)
     if args.protocol == "multi_source_dg":  # step B': visual prompt, leave one source domain out
         name = "vision_ctx"
         splits = [((images[s], labels[s]), (images[q], labels[q]))
                   for s, q in meta.domain_splits(domains, args.metaprompt_domain_range)]
-        loss_fn = in_precision(args, device, lambda p, b: metaprompt_image_loss(learner, p, b))
+        loss = lambda p, b: metaprompt_image_loss(learner, p, b)
     else:  # step B: text prompt, two random halves of the training classes
         name = "text_ctx"
         halves = meta.class_halves(learner.frozen_text_features.shape[0])
         splits = [((frozen_image[s_mask], s_labels, s_classes), (frozen_image[q_mask], q_labels, q_classes))
                   for (s_mask, s_labels, s_classes), (q_mask, q_labels, q_classes)
                   in meta.class_half_splits(labels, halves)]
-        loss_fn = in_precision(args, device, lambda p, b: metaprompt_text_loss(learner, p, b))
+        loss = lambda p, b: metaprompt_text_loss(learner, p, b)
+
+    def mine(batch):  # this process's share of a split's set (its first two fields), and the share's weight
+        part, weight = share(len(batch[1]), args)
+        return (batch[0][part], batch[1][part], *batch[2:]), weight
+
+    def loss_fn(p, weighted):  # an empty share adds zero (a set smaller than the processes)
+        batch, weight = weighted
+        with autocast(args, device):
+            return weight * loss(p, batch) if len(batch[1]) else p[name].sum() * 0.0
+
+    splits = [(mine(support), mine(query)) for support, query in splits]
+    reduce = lambda g: all_reduce_sum(args, g)
     buffers = {k: optimizer.state[p].get("momentum_buffer") for k, p in params.items()}
     new, buffers = meta.domain_split_update(
         loss_fn, params, name, splits, buffers, lr=optimizer.param_groups[0]["lr"],
         meta_step=args.metaprompt_meta_step, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
         inner_optimizer=args.metaprompt_inner_optimizer, frozen_drift=args.metaprompt_frozen_drift,
-        aliased_restore=args.metaprompt_aliased_restore)
+        aliased_restore=args.metaprompt_aliased_restore, reduce=reduce)
     with torch.no_grad():  # write the result as an optimizer would: values and momentum buffers
         for k, p in params.items():
             p.copy_(new[k])
             if buffers[k] is not None:
                 optimizer.state[p]["momentum_buffer"] = buffers[k]
-    return {k: v.detach() for k, v in losses.items()}, logits
+    return {k: all_reduce_sum(args, weight * v.detach()) for k, v in losses.items()}, gather_rows(args, logits)
 
 
 def apply_gradients(optimizer, params, grads):
