@@ -1152,8 +1152,9 @@ def cached_image_features(items, encode, cache_file, size=IMAGE_SIZE, num_worker
         cache = {"keys": cache["keys"] + [k for k, _ in missing], "features": features}
         index = {k: i for i, k in enumerate(cache["keys"])}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(cache, f"{cache_file}.tmp")
-        os.replace(f"{cache_file}.tmp", cache_file)
+        tmp = f"{cache_file}.{os.getpid()}.tmp"  # one per process: torchrun's processes may write at once
+        torch.save(cache, tmp)
+        os.replace(tmp, cache_file)
     return cache["features"][[index[k] for k in keys]]
 
 

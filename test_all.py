@@ -3297,3 +3297,25 @@ def test_compile_changes_no_result(harness, tmp_path, method, monkeypatch):
     assert eager.compile is False
     with pytest.raises(SystemExit):
         train.parse_args(["--method", "prometar", "--compile"])
+
+
+def test_torchrun_gram_meta_training_equals_one_process(harness, gram_pairs, tmp_path):
+    """GRAM under torchrun: the meta-batch's tasks are shared out (every process draws them all, and every curriculum
+    weight), the prompt and regulator gradients and the agreement are summed: gram.pt equals one process's."""
+    import train
+    args = gram_args(harness, gram_pairs, tmp_path / "one", "--gram-steps", "2")
+    train.run(args)
+    argv = ["--method", "gram", "--pairs", str(gram_pairs), "--backbone", str(harness / "tiny.pt"), "--base", "coop",
+            "--n-ctx", "4", "--gram-steps", "2", "--gram-checkpoint-every", "2", "--gram-tasks", "2", "--gram-batch",
+            "4", "--gram-k-text", "4", "--gram-k-image", "1", "--no-progress", "--output-dir", str(tmp_path / "two")]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *argv], check=False, capture_output=True, text=True,
+                            env={**os.environ, "HOME": str(tmp_path)}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (torch.load(tmp_path / r / "gram.pt", weights_only=True) for r in ("one", "two"))
+    for part in ("prompts", "regulators"):
+        for name, value in one[part].items():
+            torch.testing.assert_close(two[part][name], value, rtol=1e-4, atol=1e-6)
+    for a, b in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two"), strict=True):
+        assert {k: pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in a.items() if k != "seconds"} == \
+            {k: v for k, v in b.items() if k != "seconds"}

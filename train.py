@@ -21,7 +21,7 @@ the backbone is loaded (`check_inputs`); each run folder gets `log.jsonl`, one J
 GRAM (arXiv:2303.06571v2; no released code, its form from SUPMER's): `--method gram --pairs PAIRS.csv` meta-trains a
 prompt initialisation and gradient regulators on image-caption pairs; `--method coop|ivlp --gram FILE` uses them.
 `torchrun --nproc_per_node N train.py ...`: data parallel, each process on its share of the same global batch, the
-gradients summed by explicit all-reduces (ProMetaR's meta step included); not yet MetaPrompt and GRAM. `--precision`
+gradients summed by explicit all-reduces (ProMetaR's, MetaPrompt's and GRAM's meta steps included). `--precision`
 sets the autocast dtype of every forward; `--cache-views N` trains CoOp / CoCoOp on N cached views of each image.
 """
 
@@ -99,7 +99,6 @@ GPA_MEAN, GPA_STD = 15.0, 1.0  # PromptSRC base-to-new configs GPA_MEAN / GPA_ST
 REGULARIZER_MOMENTUM, REGULARIZER_WEIGHT_DECAY = 0.9, 5e-4  # ProMetaR train.py OPTIM_VNET (Dassl defaults)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 COMPILE_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc")  # no double backward in their step
-DISTRIBUTED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt")
 CACHED_VIEW_METHODS = ("coop", "cocoop")  # trainable methods whose image encoder has no prompts (--cache-views)
 EPOCH_SEED_STRIDE = 1000  # epoch e draws its batches and augmentations from seed * stride + e: resumable
 PROTOCOL_EVAL = {"cross_dataset": ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -826,8 +825,6 @@ def main(args):
     start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
     start_distributed(args)  # torchrun: one process per device; process 0 writes checkpoints, logs and results
     lead = args.rank == 0
-    if args.world_size > 1 and args.method not in DISTRIBUTED_METHODS:
-        raise ValueError(f"--method {args.method} runs in one process; torchrun supports {', '.join(DISTRIBUTED_METHODS)}")
     gram = check_inputs(args)
     seed_everything(args.seed)
     clip = clip_model.load(args.backbone, device=device)
@@ -985,25 +982,28 @@ def pair_batch(learner, pairs, index, transform, device) -> tuple:
     return images, captions
 
 
-def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement, generator, first):
+def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement, generator, first,
+              n_tasks=None, offset=0):
     """One meta-training step (SUPMER: model/meta.py:77-212) over a meta-batch of tasks (support, query, partner,
     domain similarity): per task the regulated inner step (meta.regulated_inner_update), the curriculum's mixup
     weight, the mixup InfoNCE of the query and partner batches at the adapted prompts, whose backward gives the
     prompts their first-order and the regulators their exact gradient; the support/query gradient agreement s;
     the gate regularizer; then both gradients clipped separately, both Adam steps, and the agreement's running mean.
+    Under torchrun each process takes the tasks `offset`.. of the `n_tasks` of the meta-batch (every process draws
+    every task's curriculum weight, in order), and the gradients, agreements and logged values are summed.
     Returns (losses, new agreement)."""
     params = prompts.prompt_parameters(learner)
     optimizer.zero_grad(set_to_none=True)
     regulator_optimizer.zero_grad(set_to_none=True)
-    n, sims, logged = len(tasks), [], {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0}
+    n, sims, logged = n_tasks or len(tasks), [], {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0}
     scale, device = learner.clip.logit_scale.exp(), learner.clip.logit_scale.device.type
-    for support, query, partner, domain_similarity in tasks:
+    lams = [meta.curriculum_lambda(agreement, generator) for _ in range(n)]  # the same stream in every process
+    for lam, (support, query, partner, domain_similarity) in zip(lams[offset:], tasks):
         with meta.second_order_attention(args.gram_second_order):  # double backward through attention: math kernel
             adapted, regulated, gates, support_loss, contexts = meta.regulated_inner_update(
                 in_precision(args, device, lambda p, b: pair_loss(learner, p, b)), params, regulators, support,
                 alpha=args.gram_alpha,
                 second_order=args.gram_second_order)
-            lam = meta.curriculum_lambda(agreement, generator)
             with autocast(args, device):
                 q = torch.func.functional_call(learner, adapted, (query[0],), {"captions": query[1]})
                 a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
@@ -1023,11 +1023,14 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
         for key, value in (("support", float(support_loss)), ("outer", float(outer.detach())), ("lam", lam),
                            ("gate", statistics.fmean(gate_values) if gate_values else 0.0)):
             logged[key] += value / n
+    reduce_gradients(args, [params, regulators])
     torch.nn.utils.clip_grad_norm_(list(params.values()), args.gram_clip)
     torch.nn.utils.clip_grad_norm_(list(regulators.parameters()), args.gram_clip)
     optimizer.step()
     regulator_optimizer.step()
-    mean_sim = statistics.fmean(sims)
+    totals = all_reduce_sum(args, torch.tensor([sum(sims), *logged.values()], dtype=torch.float64,
+                                               device=learner.clip.logit_scale.device))
+    mean_sim, logged = float(totals[0]) / n, dict(zip(logged, totals[1:].tolist()))
     agreement = mean_sim if first else 0.5 * agreement + 0.5 * mean_sim  # SUPMER: meta.py:205-210
     return {**{k: torch.tensor(v) for k, v in logged.items()}, "agreement": torch.tensor(agreement)}, agreement
 
@@ -1058,7 +1061,8 @@ def gram_task_tree(args, clip, pairs, device) -> tuple:
                              f"{2 * args.gram_batch} pairs, fewer than a meta-batch of {args.gram_tasks} tasks needs; "
                              "add pairs, or lower --gram-k-text / --gram-k-image / --gram-batch / --gram-tasks")
     centroids = meta.leaf_centroids(image_features, leaves)
-    save_atomic({"leaves": leaves, "centroids": centroids}, cache)
+    if args.rank == 0:  # torchrun: every process computes the same tree; one writes it
+        save_atomic({"leaves": leaves, "centroids": centroids}, cache)
     return leaves, centroids
 
 
@@ -1066,6 +1070,8 @@ def meta_train_gram(args):
     """`--method gram`: meta-train a prompt initialisation and its gradient regulators on image-caption pairs, with
     atomic checkpoints every --gram-checkpoint-every steps, `--resume`, log.jsonl, and <output-dir>/gram.pt at the end."""
     start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
+    start_distributed(args)  # torchrun: the meta-batch's tasks shared out; process 0 writes
+    lead = args.rank == 0
     check_backbone(args.backbone)
     pairs = data.read_pairs(args.pairs, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     if len(pairs) < 2 * args.gram_batch * (args.gram_tasks + 1):
@@ -1092,7 +1098,7 @@ def meta_train_gram(args):
         regulator_optimizer.load_state_dict(ckpt["regulator_optimizer"])
         start_step, agreement = ckpt["step"], ckpt["agreement"]
         generator.set_state(ckpt["generator"])
-    log = open_log(os.path.join(args.output_dir, "log.jsonl"), start_step, key="step")
+    log = open_log(os.path.join(args.output_dir, "log.jsonl"), start_step, key="step", write=lead)
     bar = progress(range(start_step, args.gram_steps), "GRAM meta-training", args.no_progress)
     tick = time.perf_counter()
     for step in bar:
@@ -1100,22 +1106,25 @@ def meta_train_gram(args):
         for opt, lr in ((optimizer, args.gram_prompt_lr), (regulator_optimizer, args.gram_regulator_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * decay
+        episodes = meta.sample_episodes(leaves, args.gram_tasks, args.gram_batch, generator, args.gram_partner_any_leaf)
+        mine = share(len(episodes), args)[0]  # torchrun: this process's tasks (every process draws them all)
         tasks = []
-        for support, query, partner, leaf, other in meta.sample_episodes(leaves, args.gram_tasks, args.gram_batch,
-                                                                        generator, args.gram_partner_any_leaf):
+        for support, query, partner, leaf, other in episodes[mine]:
             similarity = float((1 + F.cosine_similarity(centroids[leaf], centroids[other], dim=0)) / 2)
             tasks.append(tuple(pair_batch(learner, pairs, idx, transform, device) for idx in (support, query, partner))
                          + (similarity,))
         losses, agreement = gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement,
-                                      generator, first=step == 0)
+                                      generator, first=step == 0, n_tasks=len(episodes), offset=mine.start)
         bar.set_postfix(outer=f"{float(losses['outer']):.3f}", s=f"{agreement:.3f}")
         tick = log_iteration(log, {"step": step}, {**losses, "lr": args.gram_prompt_lr * decay}, tick)
-        if (step + 1) % args.gram_checkpoint_every == 0 or step + 1 == args.gram_steps:
+        if lead and ((step + 1) % args.gram_checkpoint_every == 0 or step + 1 == args.gram_steps):
             save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "regulators": regulators.state_dict(),
                          "optimizer": optimizer.state_dict(), "regulator_optimizer": regulator_optimizer.state_dict(),
                          "step": step + 1, "agreement": agreement, "generator": generator.get_state(),
                          "config": vars(args)}, ckpt_path)
     log.close()
+    if not lead:
+        return
     save_atomic(gram_file(args, learner, regulators), os.path.join(args.output_dir, "gram.pt"))
     print(f"GRAM meta-trained {args.gram_steps} steps in {time.time() - start_time:.0f} s; "
           f"wrote {os.path.join(args.output_dir, 'gram.pt')}")
