@@ -10,6 +10,11 @@ classes (DTD's base classes, the setting
 where the official ProMetaR code, mlvlab/ProMetaR @ c907bdb, took 41 s and 12.8 GB per iteration on a 2-core CPU),
 the same way.
 
+`python benchmark.py eval`: one test batch of 100 images (DTD's 47 classes) through CoOp, through CoOp from cached
+image features, and through IVLP (images/s of evaluation). Options for these: `--precision`, `--plain` (also the plain
+path: 77-token text, math attention, fp32, and the ratio), `--compile`, `--backbone FILE` (any CLIP checkpoint instead
+of random ViT-B/16 weights), `--json`.
+
 `python benchmark.py testbed` trains and evaluates zero-shot CLIP, CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, ProMetaR and
 MetaPrompt on the offline testbed with the shipped small CLIP and each method's testbed defaults from train.py, for
 seeds 1, 2, 3: base-to-new
@@ -50,18 +55,21 @@ DTD_CLASSES = 47  # DTD (CoOp split_zhou_DescribableTextures.json)
 BATCH = 4  # ProMetaR / PromptSRC configs DATALOADER.TRAIN_X.BATCH_SIZE
 BASE_CLASSES = 24  # DTD base classes: ceil(47 / 2) (CoCoOp subsample_classes)
 CASES = {"clip": ("image", "text_truncated", "text_full"),
-         "methods": ("coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar")}
+         "methods": ("coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar"),
+         "eval": ("eval_coop", "eval_coop_cached", "eval_ivlp")}
+EVAL_BATCH = 100  # Dassl DATALOADER.TEST.BATCH_SIZE
 
 
-def training_step(method: str, model, precision: str = "fp32"):
+def training_step(method: str, model, precision: str = "fp32", backbone: str = "ViT-B/16"):
     """One iteration of train.py's loop for `method` on random images (batch 4, 24 classes, 4 distinct labels so
     that ProMetaR's meta step always runs)."""
-    args = train.parse_args(["--method", method, "--dataset", "dtd", "--precision", precision])
+    args = train.parse_args(["--method", method, "--dataset", "dtd", "--precision", precision, "--backbone", backbone])
     classnames = [f"class {i}" for i in range(BASE_CLASSES)]
     learner = train.learner_for(args, model, "dtd", classnames)
     params = prompts.prompt_parameters(learner)
     optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=train.MOMENTUM)
-    images, labels = torch.randn(BATCH, 3, 224, 224), torch.randperm(BASE_CLASSES)[:BATCH]
+    size = model.visual.input_resolution
+    images, labels = torch.randn(BATCH, 3, size, size), torch.randperm(BASE_CLASSES)[:BATCH]
     templates = ["a photo of a {}.", "art of the {}."]  # two stand-ins: the teacher is computed once, not timed
     teacher = prompts.FrozenTeacher(model, classnames, templates) if method in ("promptsrc", "prometar") else None
     scaler = torch.amp.GradScaler(enabled=False)
@@ -82,15 +90,32 @@ def plain_path():
     return meta.second_order_attention(True)  # sdpa_kernel(SDPBackend.MATH)
 
 
-def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = False, compile_: bool = False) -> dict:
+def evaluation_step(case: str, model, backbone: str = "ViT-B/16"):
+    """One test batch (100 images, DTD's 47 classes) through a trained-prompt learner, no gradients: CoOp through its
+    image encoder, CoOp from cached image features (train.py's evaluation of a frozen-image method), IVLP."""
+    method = case.split("_")[1]
+    args = train.parse_args(["--method", method, "--dataset", "dtd", "--backbone", backbone])
+    learner = train.learner_for(args, model, "dtd", [f"class {i}" for i in range(DTD_CLASSES)]).eval()
+    images = torch.randn(EVAL_BATCH, 3, model.visual.input_resolution, model.visual.input_resolution)
+    if case.endswith("cached"):
+        with torch.no_grad():
+            features = model.encode_image(images)  # computed once, before the timing
+        return lambda: learner.classify(features)
+    return lambda: learner(images)
+
+
+def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = False, compile_: bool = False,
+             backbone: str = "ViT-B/16") -> dict:
     torch.manual_seed(0)
-    model = clip_model.CLIP(**VIT_B16).eval()
+    model = clip_model.CLIP(**VIT_B16).eval() if backbone == "ViT-B/16" else clip_model.load(backbone, device="cpu")
     if compile_:  # as train.py --compile; the warm-up iteration (not timed) compiles
         model.visual.forward = torch.compile(model.visual.forward)
         model.transformer.forward = torch.compile(model.transformer.forward)
     attention = plain_path() if plain else contextlib.nullcontext()
     if case in CASES["methods"]:
-        step = training_step(case, model, "fp32" if plain else precision)
+        step = training_step(case, model, "fp32" if plain else precision, backbone)
+    elif case in CASES["eval"]:
+        step = evaluation_step(case, model, backbone)
     elif case == "image":
         images = torch.randn(BATCH, 3, 224, 224)  # (B, 3, R, R)
         step = lambda: model.encode_image(images)
@@ -105,7 +130,8 @@ def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = Fal
             times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
     seconds = statistics.median(times[1:])
-    return {"case": case, "seconds": seconds, "images_per_second": BATCH / seconds, "peak_rss_mb": peak_mb,
+    images = EVAL_BATCH if case in CASES["eval"] else BATCH
+    return {"case": case, "seconds": seconds, "images_per_second": images / seconds, "peak_rss_mb": peak_mb,
             "threads": torch.get_num_threads(), "precision": "fp32" if plain else precision, "plain": plain,
             "compiled": compile_}
 
@@ -191,6 +217,8 @@ def main():
     parser.add_argument("--plain-case", action="store_true", help=argparse.SUPPRESS)  # one case, plain (internal)
     parser.add_argument("--json", action="store_true", help="one JSON line per case instead of the table")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoders (train.py --compile)")
+    parser.add_argument("--backbone", default="ViT-B/16", help="ViT-B/16 (random weights: the speed does not depend "
+                        "on them) or a CLIP checkpoint file")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="testbed seeds")
     parser.add_argument("--dg-shots", type=int, nargs="+", default=list(DG_SHOTS), help="testbed DG shots")
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
@@ -203,16 +231,18 @@ def main():
         print(run_gram_testbed(args.seeds, args.root, args.output))
         return
     if args.case:
-        print(json.dumps(run_case(args.case, args.repeats, args.precision, args.plain_case, args.compile)))
+        print(json.dumps(run_case(args.case, args.repeats, args.precision, args.plain_case, args.compile,
+                                  args.backbone)))
         return
-    header = f"| ViT-B/16, {torch.get_num_threads()} threads, {args.precision} | seconds | images/s | peak RSS (MB) |"
+    header = f"| {args.backbone}, {torch.get_num_threads()} threads, {args.precision} | seconds | images/s | peak RSS (MB) |"
     if args.plain:
         header += " plain path: seconds | peak RSS (MB) | speed-up |"
     if not args.json:
         print(header + "\n" + "|---" * (header.count("|") - 1) + "|")
     for case in CASES[args.what]:
         results = [json.loads(subprocess.run([sys.executable, __file__, args.what, "--case", case, "--repeats",
-                                              str(args.repeats), "--precision", args.precision]
+                                              str(args.repeats), "--precision", args.precision,
+                                              "--backbone", args.backbone]
                                              + (["--plain-case"] if plain else [])
                                              + (["--compile"] if args.compile and not plain else []),
                                              check=True, capture_output=True, text=True).stdout)
