@@ -69,12 +69,13 @@ def training_step(method: str, model, precision: str = "fp32", backbone: str = "
     params = prompts.prompt_parameters(learner)
     optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=train.MOMENTUM)
     size = model.visual.input_resolution
-    images, labels = torch.randn(BATCH, 3, size, size), torch.randperm(BASE_CLASSES)[:BATCH]
+    device = model.positional_embedding.device
+    images, labels = torch.randn(BATCH, 3, size, size, device=device), torch.randperm(BASE_CLASSES)[:BATCH].to(device)
     templates = ["a photo of a {}.", "art of the {}."]  # two stand-ins: the teacher is computed once, not timed
     teacher = prompts.FrozenTeacher(model, classnames, templates) if method in ("promptsrc", "prometar") else None
     scaler = torch.amp.GradScaler(enabled=False)
     if method != "prometar":
-        return lambda: train.sgd_step(args, learner, teacher, optimizer, scaler, images, labels, "cpu")
+        return lambda: train.sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device.type)
     gate = meta.GradientModulator({k: v.shape for k, v in params.items()})
     gate_optimizer = torch.optim.SGD(gate.parameters(), lr=args.regularizer_lr, momentum=train.MOMENTUM)
     return lambda: train.prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels)
@@ -96,7 +97,8 @@ def evaluation_step(case: str, model, backbone: str = "ViT-B/16"):
     method = case.split("_")[1]
     args = train.parse_args(["--method", method, "--dataset", "dtd", "--backbone", backbone])
     learner = train.learner_for(args, model, "dtd", [f"class {i}" for i in range(DTD_CLASSES)]).eval()
-    images = torch.randn(EVAL_BATCH, 3, model.visual.input_resolution, model.visual.input_resolution)
+    size, device = model.visual.input_resolution, model.positional_embedding.device
+    images = torch.randn(EVAL_BATCH, 3, size, size, device=device)
     if case.endswith("cached"):
         with torch.no_grad():
             features = model.encode_image(images)  # computed once, before the timing
@@ -107,7 +109,9 @@ def evaluation_step(case: str, model, backbone: str = "ViT-B/16"):
 def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = False, compile_: bool = False,
              backbone: str = "ViT-B/16") -> dict:
     torch.manual_seed(0)
-    model = clip_model.CLIP(**VIT_B16).eval() if backbone == "ViT-B/16" else clip_model.load(backbone, device="cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, as train.py
+    model = clip_model.CLIP(**VIT_B16).to(device).eval() if backbone == "ViT-B/16" else \
+        clip_model.load(backbone, device=device)
     if compile_:  # as train.py --compile; the warm-up iteration (not timed) compiles
         model.visual.forward = torch.compile(model.visual.forward)
         model.transformer.forward = torch.compile(model.transformer.forward)
@@ -117,18 +121,24 @@ def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = Fal
     elif case in CASES["eval"]:
         step = evaluation_step(case, model, backbone)
     elif case == "image":
-        images = torch.randn(BATCH, 3, 224, 224)  # (B, 3, R, R)
+        size = model.visual.input_resolution
+        images = torch.randn(BATCH, 3, size, size, device=device)  # (B, 3, R, R)
         step = lambda: model.encode_image(images)
     else:
-        text = clip_model.tokenize([f"a photo of a class{i} texture." for i in range(DTD_CLASSES)])  # (N, L)
+        text = clip_model.tokenize([f"a photo of a class{i} texture." for i in range(DTD_CLASSES)],
+                                   context_length=model.context_length).to(device)  # (N, L)
         step = lambda: model.encode_text(text, truncate=case == "text_truncated")
     times = []
     with torch.set_grad_enabled(case in CASES["methods"]), attention:
         for _ in range(repeats + 1):
             start = time.perf_counter()
             step()
+            if device == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    if device == "cuda":  # on a GPU the figure that matters is the device's
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
     seconds = statistics.median(times[1:])
     images = EVAL_BATCH if case in CASES["eval"] else BATCH
     return {"case": case, "seconds": seconds, "images_per_second": images / seconds, "peak_rss_mb": peak_mb,
