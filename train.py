@@ -825,7 +825,11 @@ def main(args):
     start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
     start_distributed(args)  # torchrun: one process per device; process 0 writes checkpoints, logs and results
     lead = args.rank == 0
+    if args.world_size > 1 and not lead:  # process 0 first: it writes what the checks may create (the testbed)
+        dist.barrier()
     gram = check_inputs(args)
+    if args.world_size > 1 and lead:
+        dist.barrier()
     seed_everything(args.seed)
     clip = clip_model.load(args.backbone, device=device)
     if args.compile:  # the frozen encoders' forward passes; gradients still reach the prompts through them
@@ -834,7 +838,8 @@ def main(args):
     if args.eval_only:  # evaluate a saved model on any class subset
         ckpt = prompts.read_checkpoint(args.checkpoint, args.method)
         metrics = evaluate(args, clip, ckpt["prompts"], args.dataset, args.subsample, device, args.target_domain)
-        print(json.dumps(write_results(args, {args.subsample: metrics}, device, time.time() - start_time)["splits"]))
+        if lead:
+            print(json.dumps(write_results(args, {args.subsample: metrics}, device, time.time() - start_time)["splits"]))
         return
     subsample = "base" if args.protocol == "base2new" else "all"  # DG: every class, few shots per source domain
     train, _, _, classnames = data.build_dataset(args.dataset, args.root, shots=args.shots, seed=args.seed,
