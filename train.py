@@ -607,16 +607,14 @@ def prometar_losses(args, learner, teacher, params, batch) -> dict:
 
 def prometar_outer_loss(learner, params, batch) -> torch.Tensor:
     """Mixup CE of the adapted prompts on the virtual task's query (prometar.py:299-304, 320-321): each query image's
-    features mixed with its support partner's after the projection, before normalisation, in one pass over the images
-    involved. batch = (images, labels, query positions (q,), their partners' positions (q,), lam (q,), weight): under
-    torchrun a process holds part of the query, and `weight`, its share, makes the sum over processes the mean."""
+    features mixed with its support partner's after the projection, before normalisation; one pass over the batch,
+    as released. batch = (images, labels, query positions (q,), their partners' positions (q,), lam (q,), weight):
+    under torchrun a process takes part of the query, and `weight`, its share, makes the sum over processes the mean."""
     images, labels, query, partner, lam, weight = batch
     if len(query) == 0:  # torchrun: none of the query is this process's; zero, still through the inner step's sum
         return sum(p.sum() for p in params.values()) * 0.0
-    involved, inverse = torch.unique(torch.cat([query, partner]), return_inverse=True)
-    out = torch.func.functional_call(learner, params, (images[involved],))
-    features = out.image_features[inverse]  # (2q, E): the query's, then their partners'
-    mixed = meta.manifold_mixup(features[:len(query)], features[len(query):], lam, torch.arange(len(query)))
+    out = torch.func.functional_call(learner, params, (images,))
+    mixed = meta.manifold_mixup(out.image_features[query], out.image_features, lam, partner)  # (q, E)
     logits = prompts.clip_logits(learner.clip, F.normalize(mixed, dim=-1), out.text_features)  # (q, C)
     return weight * meta.mixup_cross_entropy(logits, labels[query], labels[partner], lam)
 
