@@ -20,6 +20,7 @@ Shape legend: B images, N text sequences, L token length (context length, 77 in 
 Dv vision width, E joint embedding dim, G patch-grid side, T vision tokens (1 + G*G [+ M]), M prompt tokens.
 """
 
+import functools
 import gzip
 import hashlib
 import html
@@ -428,8 +429,18 @@ def sha256_of(path) -> str:
 
 
 def fingerprint(name_or_path) -> str:
-    """What identifies a backbone across machines: a model name, or the SHA256 of a checkpoint file."""
-    return str(name_or_path) if str(name_or_path) in MODELS else sha256_of(Path(name_or_path).expanduser())
+    """What identifies a backbone across machines: a model name, or the SHA256 of a checkpoint file (hashed once per
+    file version: every evaluation of a run asks for it)."""
+    if str(name_or_path) in MODELS:
+        return str(name_or_path)
+    path = Path(name_or_path).expanduser().resolve()
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # keyed by size and mtime: a rewritten file re-hashes
+    return sha256_of(path)
 
 
 def download(url: str, root) -> Path:

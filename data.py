@@ -738,12 +738,12 @@ def check_class_list(names, what):
     for i, name in enumerate(names):
         if not name.strip():
             raise DataError(f"{what}: name {i + 1} is empty; give every class a name")
-    seen = {}
+    seen = set()
     for name in names:
         if name in seen:
             raise DataError(f"{what}: the name {name!r} is there twice; every class needs a name of its own "
                             f"(a folder's name can be changed in {FOLDER_CLASSNAMES_FILE})")
-        seen[name] = True
+        seen.add(name)
 
 
 def read_class_list(path) -> list:
@@ -761,9 +761,9 @@ def read_class_list(path) -> list:
     return names
 
 
-def class_folder_of(item, image_dir, depth=0) -> str:
-    """The class folder of an item: the `depth`-th part of its path under image_dir (1 inside train/val/test)."""
-    return Path(os.path.relpath(item.impath, image_dir)).parts[depth]
+def class_folder_of(item, image_dir) -> str:
+    """The class folder of an item: the first part of its path under image_dir."""
+    return Path(os.path.relpath(item.impath, image_dir)).parts[0]
 
 
 def read_folder(folder):
@@ -785,8 +785,8 @@ def read_folder(folder):
         if untrained:
             raise DataError(f"class {untrained[0]} has no folder in {folder / 'train'}: every class needs training "
                             f"images; add {folder / 'train' / untrained[0]}/ or remove the class from val/ and test/")
-        names = folder_classnames(folder, folders)
-        train, val, test = ([Datum(p, folders.index(f), names[f]) for f, paths in per_split[s].items() for p in paths]
+        names, label = folder_classnames(folder, folders), {f: i for i, f in enumerate(folders)}
+        train, val, test = ([Datum(p, label[f], names[f]) for f, paths in per_split[s].items() for p in paths]
                             for s in FOLDER_SPLITS)
         if not (folder / "val").is_dir():  # CoOp OxfordPets: val = 20% of trainval
             train, val = split_trainval(train, rng)

@@ -573,11 +573,16 @@ FROZEN_IMAGE = (ZeroShotCLIP, CoOp, CoCoOp)  # learners whose image encoder has 
 
 @torch.no_grad()
 def predict_features(learner: nn.Module, image_features: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
-    """Arg-max predictions (N,) of a FROZEN_IMAGE learner from precomputed image features (N, E), in batches."""
+    """Arg-max predictions (N,) of a FROZEN_IMAGE learner from precomputed image features (N, E), in batches. The
+    class prompts' text features are computed once (CoCoOp's depend on the image: its own `classify` per batch)."""
     learner.eval()
     device = learner.clip.logit_scale.device
-    return torch.cat([learner.classify(chunk.to(device)).logits.argmax(-1).cpu()
-                      for chunk in image_features.split(batch_size)])
+    if isinstance(learner, CoCoOp):
+        logits = lambda features: learner.classify(features).logits
+    else:
+        text = learner.encode_text()  # (C, E)
+        logits = lambda features: clip_logits(learner.clip, F.normalize(features, dim=-1), text)
+    return torch.cat([logits(chunk.to(device)).argmax(-1).cpu() for chunk in image_features.split(batch_size)])
 
 
 def feature_tag(clip, backbone, dtype) -> str:

@@ -509,21 +509,24 @@ def build_optimizers(args, params: dict, gate):
     return optimizer, gate_optimizer
 
 
+def crop_scale(args) -> tuple:
+    """The train-time crop scale: Dassl's, but the testbed's crops keep at least half of its 32 px images."""
+    return testbed.WORLD_CROP_SCALE if args.dataset == "world" else data.RRC_SCALE
+
+
 def train_loader(args, items, size: int, epoch: int):
     """The epoch's training loader: batches and augmentations drawn from seed * 1000 + epoch (so a resumed run
     sees the same ones); the testbed's crops keep at least half of its 32 px images (testbed.WORLD_CROP_SCALE)."""
     return data.build_loader(items, train=True, batch_size=args.batch_size, size=size, num_workers=args.num_workers,
                              seed=args.seed * EPOCH_SEED_STRIDE + epoch,
-                             crop_scale=testbed.WORLD_CROP_SCALE if args.dataset == "world" else data.RRC_SCALE)
+                             crop_scale=crop_scale(args))
 
 
 @torch.no_grad()
 def cached_views(args, clip, items, device) -> torch.Tensor:
     """--cache-views N: CLIP's image features of N augmented views of every training image (Dassl's train transform),
     drawn once from the run seed; (N, I, E), float32 on `device`."""
-    dataset = data.ImageListDataset(items, data.build_transform(True, clip.visual.input_resolution,
-                                                                testbed.WORLD_CROP_SCALE if args.dataset == "world"
-                                                                else data.RRC_SCALE))
+    dataset = data.ImageListDataset(items, data.build_transform(True, clip.visual.input_resolution, crop_scale(args)))
     views = []
     for view in range(args.cache_views):
         generator = torch.Generator().manual_seed(args.seed * EPOCH_SEED_STRIDE - 1 - view)  # apart from the epochs'
