@@ -17,10 +17,12 @@ of random ViT-B/16 weights), `--json`.
 
 `python benchmark.py testbed` trains and evaluates zero-shot CLIP, CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, ProMetaR and
 MetaPrompt on the offline testbed with the shipped small CLIP and each method's testbed defaults from train.py, for
-seeds 1, 2, 3: base-to-new
-on `world` (base / new / HM, mean ± std over the seeds), and leave-one-style-out multi-source DG on `world_styles`
-with 1 and 5 shots per class and source style (accuracy per held-out style and the average). The README's testbed
-tables come from this command; a run whose results.json exists is not run again, so an interrupted call resumes.
+seeds 1 to 10: base-to-new on `world` (base / new / HM, mean ± std over the seeds), and leave-one-style-out
+multi-source DG on `world_styles` with 1 and 5 shots per class and source style (accuracy per held-out style and the
+average). Then, for each of IVLP and PromptSRC as the baseline, every other method's paired difference to it (same
+seed, 95% interval: eval.py's `--baseline`). `--jobs N` runs N train.py processes at once (default: one a core). The
+README's testbed tables come from this command; a run whose results.json exists is not run again, so an interrupted
+call resumes.
 
 `python benchmark.py gram` writes 10,000 image-caption pairs of the testbed's pretraining distribution, meta-trains
 GRAM on them for CoOp and for IVLP (GRAM_TESTBED_STEPS each), then trains CoOp and IVLP with and without the GRAM file
@@ -147,27 +149,65 @@ def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = Fal
 
 
 TESTBED_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt")
+TESTBED_SEEDS = tuple(range(1, 11))  # 10 seeds: enough for a paired 95% interval to resolve 1-2 point differences
+TESTBED_BASELINES = ("ivlp", "promptsrc")  # the prompts ProMetaR trains; its regularizer without the meta-learning
 DG_SHOTS = (1, 5)  # MetaPrompt's DG table: 1 and 5 shots per class and source domain
 
 
-def run_testbed(seeds, root: str, output: str, dg_shots=DG_SHOTS) -> str:
-    """Every testbed method for every seed through train.py (base-to-new on world; DG on world_styles, every style
-    held out in turn), then eval.py's two tables."""
-    runs = [(method, ["--dataset", "world"], f"{output}/base2new/world/{method}/shots_16/seed_{seed}", seed)
-            for method in TESTBED_METHODS for seed in seeds]
-    runs += [(method, ["--dataset", "world_styles", "--target-domain", "all", "--shots", str(shots)],
-              f"{output}/multi_source_dg/world_styles/{method}/shots_{shots}/seed_{seed}", seed)
-             for shots in dg_shots for method in TESTBED_METHODS for seed in seeds]
-    for method, extra, out, seed in runs:
-        if not os.path.exists(f"{out}/results.json"):
-            train.run(train.parse_args(["--method", method, "--seed", str(seed), "--root", root, *extra,
-                                        "--output-dir", out, "--no-progress"]))
-    return (evaluation.markdown_table(evaluation.collect(f"{output}/base2new")) + "\n\n"
-            + evaluation.dg_table(evaluation.collect_dg(f"{output}/multi_source_dg")))
+def train_in_parallel(runs, jobs: int) -> None:
+    """Run train.py argument lists (each with its --output-dir), `jobs` at a time, each in a process of its own with
+    its share of the cores as torch threads; a run whose results.json exists is skipped, so an interrupted call
+    resumes. The testbed's small models gain nothing from a second thread (one or two give the same seconds and the
+    same results), so two jobs on two cores take about half the time."""
+    todo = [argv for argv in runs if not os.path.exists(os.path.join(argv[argv.index("--output-dir") + 1],
+                                                                     "results.json"))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    running = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            argv = todo.pop(0)
+            running.append((argv, subprocess.Popen([sys.executable, "train.py", *argv, "--no-progress"], env=env,
+                                                   cwd=os.path.dirname(os.path.abspath(__file__)),
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+        argv, process = running.pop(0)
+        _, stderr = process.communicate()
+        if process.returncode:
+            for _, other in running:
+                other.kill()
+            why = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {process.returncode}"
+            raise RuntimeError(f"train.py {' '.join(argv)} failed: {why}")
+
+
+def testbed_runs(seeds, root: str, output: str, dg_shots=DG_SHOTS) -> list:
+    """train.py argument lists of every testbed run: base-to-new on world, then DG on world_styles (every style held
+    out in turn), seed after seed, so that an interrupted call has whole seeds."""
+    runs = [["--method", method, "--seed", str(seed), "--root", root, "--dataset", "world",
+             "--output-dir", f"{output}/base2new/world/{method}/shots_16/seed_{seed}"]
+            for seed in seeds for method in TESTBED_METHODS]
+    runs += [["--method", method, "--seed", str(seed), "--root", root, "--dataset", "world_styles", "--target-domain",
+              "all", "--shots", str(shots),
+              "--output-dir", f"{output}/multi_source_dg/world_styles/{method}/shots_{shots}/seed_{seed}"]
+             for seed in seeds for shots in dg_shots for method in TESTBED_METHODS]
+    return runs
+
+
+def run_testbed(seeds, root: str, output: str, dg_shots=DG_SHOTS, jobs: int = 1) -> str:
+    """Every testbed run (testbed_runs), then eval.py's two tables and the paired differences to each of
+    TESTBED_BASELINES."""
+    testbed.ensure_dataset("world", root)  # written once, before the parallel runs read it
+    testbed.ensure_dataset("world_styles", root)
+    train_in_parallel(testbed_runs(seeds, root, output, dg_shots), jobs)
+    b2n, dg = evaluation.collect(f"{output}/base2new"), evaluation.collect_dg(f"{output}/multi_source_dg")
+    tables = [evaluation.markdown_table(b2n)]
+    tables += [evaluation.difference_table(b2n, baseline) for baseline in TESTBED_BASELINES]
+    tables += [evaluation.dg_table(dg)]
+    tables += [evaluation.dg_difference_table(dg, baseline) for baseline in TESTBED_BASELINES]
+    return "\n\n".join(tables)
 
 
 GRAM_TESTBED_STEPS = {"coop": 1000, "ivlp": 400}  # outer steps: each meta-training within 10 minutes on 2 cores
 GRAM_TESTBED_CLUSTERS = ("--gram-k-text", "24", "--gram-k-image", "2")  # 10,000 pairs of 24 base combinations
+GRAM_SEEDS = (1, 2, 3)
 GRAM_SHOTS = {"base2new": (1, 4, 16), "multi_source_dg": (1, 5)}
 
 
@@ -229,16 +269,21 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoders (train.py --compile)")
     parser.add_argument("--backbone", default="ViT-B/16", help="ViT-B/16 (random weights: the speed does not depend "
                         "on them) or a CLIP checkpoint file")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="testbed seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"testbed seeds (default {TESTBED_SEEDS[0]}-{TESTBED_SEEDS[-1]}; gram: 1 2 3)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="testbed: train.py runs at a time, each with its share of the cores (default: one a core)")
     parser.add_argument("--dg-shots", type=int, nargs="+", default=list(DG_SHOTS), help="testbed DG shots")
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
     parser.add_argument("--output", default="output/testbed", help="testbed: where runs are written")
     args = parser.parse_args()
     if args.what == "testbed":
-        print(run_testbed(args.seeds, args.root, args.output, args.dg_shots))
+        if args.jobs < 1:
+            parser.error(f"--jobs {args.jobs}: give at least 1 run at a time")
+        print(run_testbed(args.seeds or TESTBED_SEEDS, args.root, args.output, args.dg_shots, args.jobs))
         return
     if args.what == "gram":
-        print(run_gram_testbed(args.seeds, args.root, args.output))
+        print(run_gram_testbed(args.seeds or GRAM_SEEDS, args.root, args.output))
         return
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats, args.precision, args.plain_case, args.compile,
@@ -269,4 +314,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:  # a testbed run failed: its error line
+        sys.exit(f"error: {e}")

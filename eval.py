@@ -4,6 +4,7 @@
     python eval.py predict --checkpoint RUN_DIR photo.jpg more_photos/ [--classes names.txt] [--topk 5] [--json]
     python eval.py table --output output/base2new          # markdown: base, new, HM per dataset + average
     python eval.py table --output output/multi_source_dg   # DG: accuracy per target domain and their average
+    python eval.py table --output output/base2new --baseline ivlp [--json]  # + paired differences, 95% intervals
 
 The average row is the papers' (CoCoOp arXiv:2203.05557v2 Table 1, and every later table): mean base and mean new
 accuracy over the datasets, and the HM of those two means (not the mean of per-dataset HMs). Each run's numbers are
@@ -12,11 +13,17 @@ first averaged over seeds. Published numbers are kept as data below, with their 
 Cross-dataset transfer and ImageNet domain generalization (`--output output/cross_dataset`, or
 `.../domain_generalization`):
 accuracy on the source and every target, and the average over targets, next to MaPLe's published rows.
+`--baseline METHOD` adds, for every other method, the paired difference to the baseline: method minus baseline on the
+same dataset and seed (base, new and the seed's HM; in DG the seed's average over target domains), only over the
+seeds both have, its mean and a two-sided 95% confidence interval from Student's t with n - 1 degrees of freedom.
+The papers compare means of 3 seeds without one; with the seeds paired, the seed-to-seed spread of the task (which
+few-shot images, which initialisation) cancels from the difference.
 Not included: plots.
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -235,6 +242,174 @@ def markdown_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Paired differences over seeds with a 95% confidence interval (Student's t; scipy is not a dependency)
+
+CONFIDENCE = 0.95  # two-sided
+
+
+def student_t_two_sided(t: float, df: int) -> float:
+    """P(|T| <= t) of Student's t with an integer number of degrees of freedom, in closed form (Abramowitz & Stegun,
+    Handbook of Mathematical Functions, 26.7.3 for odd df and 26.7.4 for even df), theta = atan(t / sqrt(df))."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 0:  # sin(theta) [1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2)]
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            total += term
+        return s * total
+    term = total = math.cos(theta)  # odd df: 2/pi [theta + sin(theta) (cos + 2/3 cos^3 + ... up to cos^(df-2))]
+    for k in range(1, (df - 1) // 2):
+        term *= 2 * k / (2 * k + 1) * c2
+        total += term
+    return 2 / math.pi * (theta + (s * total if df > 1 else 0.0))
+
+
+def student_t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
+    """t such that P(|T| <= t) = confidence (t(0.975, df) for 95%): bisection on student_t_two_sided, to float
+    precision (t(0.975, 2) = 4.3027, t(0.975, 9) = 2.2622)."""
+    low, high = 0.0, 1.0
+    while student_t_two_sided(high, df) < confidence:
+        high *= 2
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if student_t_two_sided(middle, df) < confidence else (low, middle)
+    return (low + high) / 2
+
+
+def paired_difference(method: dict, baseline: dict, confidence: float = CONFIDENCE) -> dict:
+    """Method minus baseline over the seeds both have ({seed: value} each): n, the mean difference and the half-width
+    and bounds of its two-sided confidence interval, t(n - 1) s / sqrt(n) (None below 2 seeds: no interval from one
+    difference), and `unpaired`, how many seeds only one of the two has (left out)."""
+    seeds = sorted(method.keys() & baseline.keys())
+    diffs = [method[s] - baseline[s] for s in seeds]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if n else None
+    half = student_t_quantile(n - 1, confidence) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+    return {"n": n, "unpaired": len(method.keys() ^ baseline.keys()), "mean": mean, "half_width": half,
+            "low": None if half is None else mean - half, "high": None if half is None else mean + half,
+            "confidence": confidence}
+
+
+def base2new_by_seed(per_dataset: dict, datasets) -> dict:
+    """{seed: {"base", "new", "HM"}} of one method: over one dataset, each seed's accuracies and their HM; over several,
+    the seed's mean base and mean new over `datasets` and their HM (the papers' average row, per seed), for the seeds
+    that have every one of them."""
+    by_seed = [{r["seed"]: (r["splits"]["base"]["accuracy"], r["splits"]["new"]["accuracy"])
+                for r in per_dataset[d]} for d in datasets]
+    seeds = set.intersection(*(set(s) for s in by_seed))
+    values = {}
+    for seed in seeds:
+        base = statistics.fmean(s[seed][0] for s in by_seed)
+        new = statistics.fmean(s[seed][1] for s in by_seed)
+        values[seed] = {"base": base, "new": new, "HM": data.harmonic_mean(base, new)}
+    return values
+
+
+def base2new_differences(runs: dict, baseline: str) -> list:
+    """Paired differences to `baseline` for every other method of `collect`'s runs, per dataset both have and, with
+    several, over their average: dicts with method, dataset, metric (base, new, HM) and paired_difference's keys."""
+    if baseline not in runs:
+        raise ValueError(f"--baseline {baseline}: no runs of that method here (methods: {', '.join(sorted(runs))})")
+    rows = []
+    for method, per_dataset in runs.items():
+        if method == baseline:
+            continue
+        common = [d for d in per_dataset if d in runs[baseline]]
+        groups = [(d, [d]) for d in common] + ([(f"average ({len(common)})", common)] if len(common) > 1 else [])
+        for name, datasets in groups:
+            mine, theirs = base2new_by_seed(per_dataset, datasets), base2new_by_seed(runs[baseline], datasets)
+            for metric in ("base", "new", "HM"):
+                difference = paired_difference({s: v[metric] for s, v in mine.items()},
+                                               {s: v[metric] for s, v in theirs.items()})
+                rows.append({"method": method, "baseline": baseline, "dataset": name, "metric": metric, **difference})
+    return rows
+
+
+def dg_differences(runs: dict, baseline: str) -> list:
+    """Paired differences of each seed's average over target domains to `baseline` at the same dataset and shots,
+    for every other method of `collect_dg`'s runs; a seed counts as paired only when both have the same targets."""
+    if not any(method == baseline for method, _, _ in runs):
+        raise ValueError(f"--baseline {baseline}: no DG runs of that method here")
+    rows = []
+    for (method, dataset, shots), per_seed in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        reference = runs.get((baseline, dataset, shots))
+        if method == baseline or reference is None:
+            continue
+        mismatched = {s for s in per_seed.keys() & reference.keys() if set(per_seed[s]) != set(reference[s])}
+        difference = paired_difference({s: statistics.fmean(a.values()) for s, a in per_seed.items()
+                                        if s not in mismatched},
+                                       {s: statistics.fmean(a.values()) for s, a in reference.items()
+                                        if s not in mismatched})
+        difference["unpaired"] += len(mismatched)
+        rows.append({"method": method, "baseline": baseline, "dataset": dataset, "shots": shots, "metric": "average",
+                     **difference})
+    return rows
+
+
+def difference_cell(d: dict) -> str:
+    """'+2.33 [+0.90, +3.77]', the mean in bold where the interval excludes 0; one seed: no interval."""
+    if d["n"] == 0:
+        return "- (no common seed)"
+    if d["half_width"] is None:
+        return f"{d['mean']:+.2f} (1 seed, no interval)"
+    resolved = d["low"] > 0 or d["high"] < 0
+    mean = f"**{d['mean']:+.2f}**" if resolved else f"{d['mean']:+.2f}"
+    return f"{mean} [{d['low']:+.2f}, {d['high']:+.2f}]"
+
+
+def seeds_cell(d: dict) -> str:
+    return f"{d['n']}" + (f" ({d['unpaired']} unpaired, left out)" if d["unpaired"] else "")
+
+
+DIFFERENCE_LEGEND = ("method minus {baseline} on the same seed, mean over the paired seeds [{pct}% confidence "
+                     "interval, Student's t]; bold: the interval excludes 0")
+
+
+def difference_table(runs: dict, baseline: str) -> str:
+    """Markdown: base / new / HM paired differences to `baseline` (base2new_differences), a row per method and
+    dataset."""
+    rows = base2new_differences(runs, baseline)
+    lines = [DIFFERENCE_LEGEND.format(baseline=baseline, pct=round(100 * CONFIDENCE)) + ":", "",
+             f"| method - {baseline} | dataset | seeds | base | new | HM |", "|---|---|---|---|---|---|"]
+    for i in range(0, len(rows), 3):
+        base, new, hm = rows[i:i + 3]
+        lines.append(f"| {base['method']} | {base['dataset']} | {seeds_cell(hm)} | {difference_cell(base)} | "
+                     f"{difference_cell(new)} | {difference_cell(hm)} |")
+    return "\n".join(lines)
+
+
+def dg_difference_table(runs: dict, baseline: str) -> str:
+    """Markdown: the paired difference of the average over target domains to `baseline` (dg_differences)."""
+    lines = [DIFFERENCE_LEGEND.format(baseline=baseline, pct=round(100 * CONFIDENCE)) + ":", "",
+             f"| method - {baseline} | dataset | shots | seeds | average over targets |", "|---|---|---|---|---|"]
+    lines += [f"| {d['method']} | {d['dataset']} | {d['shots']} | {seeds_cell(d)} | {difference_cell(d)} |"
+              for d in dg_differences(runs, baseline)]
+    return "\n".join(lines)
+
+
+def table_json(runs: dict, dg_runs: dict, baseline=None) -> dict:
+    """The numbers of `eval.py table` for machines: per method and dataset the mean and std over seeds (base2new;
+    DG: per target and the average), and with a baseline the paired differences."""
+    out = {"base2new": [], "multi_source_dg": []}
+    for method, per_dataset in runs.items():
+        for dataset, results in per_dataset.items():
+            (base, base_sd), (new, new_sd) = (seed_mean(results, s) for s in ("base", "new"))
+            out["base2new"].append({"method": method, "dataset": dataset, "seeds": sorted(r["seed"] for r in results),
+                                    "base": base, "base_std": base_sd, "new": new, "new_std": new_sd,
+                                    "HM": data.harmonic_mean(base, new)})
+    for (method, dataset, shots), per_seed in dg_runs.items():
+        averages = [statistics.fmean(a.values()) for a in per_seed.values()]
+        out["multi_source_dg"].append({"method": method, "dataset": dataset, "shots": shots, "seeds": sorted(per_seed),
+                                       "average": statistics.fmean(averages),
+                                       "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0})
+    if baseline is not None:
+        out["differences"] = ((base2new_differences(runs, baseline) if runs else [])
+                              + (dg_differences(dg_runs, baseline) if dg_runs else []))
+    return out
+
+
 def checkpoint_learner(ckpt, clip, classnames, dataset):
     """The learner a train.py checkpoint describes, built for any class list and loaded with its prompts (ProMetaR
     trains IVLP's or CoOp's prompts; the hand-made templates are the run's)."""
@@ -383,14 +558,24 @@ def main(argv=None):
     pr.add_argument("--no-progress", action="store_true")
     table = sub.add_parser("table", help="aggregate an output tree into a markdown table")
     table.add_argument("--output", default="output/base2new")
+    table.add_argument("--baseline", default=None, metavar="METHOD", help="also the paired difference of every other "
+                       "method to this one over the seeds both have, with a 95%% confidence interval")
+    table.add_argument("--json", action="store_true", help="the numbers as one JSON object instead of markdown")
     args = parser.parse_args(argv)
     if args.command == "table":
         runs, dg_runs = collect(Path(args.output)), collect_dg(Path(args.output))
         transfer = collect_transfer(Path(args.output))
         if not runs and not dg_runs and not transfer:
             raise FileNotFoundError(f"no results.json of train.py runs under {args.output}")
-        print("\n\n".join(([markdown_table(runs)] if runs else []) + ([dg_table(dg_runs)] if dg_runs else [])
-                          + [transfer_table(p, source, per_method) for (p, source), per_method in transfer.items()]))
+        if args.json:
+            print(json.dumps(table_json(runs, dg_runs, args.baseline)))
+            return
+        tables = [markdown_table(runs)] if runs else []
+        tables += [difference_table(runs, args.baseline)] if runs and args.baseline else []
+        tables += [dg_table(dg_runs)] if dg_runs else []
+        tables += [dg_difference_table(dg_runs, args.baseline)] if dg_runs and args.baseline else []
+        print("\n\n".join(tables + [transfer_table(p, source, per_method)
+                                     for (p, source), per_method in transfer.items()]))
         return
     if args.command == "predict":
         if args.topk < 1:

@@ -1429,6 +1429,119 @@ def test_aggregation_reproduces_published_prometar_average(tmp_path):
     assert "| prometar | **average (12)** |" in table and table.count("| - |") >= 2
 
 
+def write_b2n_results(root, method, seed, base, new, dataset="world"):
+    run = root / dataset / method / "shots_16" / f"seed_{seed}"
+    run.mkdir(parents=True)
+    splits = {"base": {"accuracy": base}, "new": {"accuracy": new}}
+    (run / "results.json").write_text(json.dumps({"splits": splits, "seed": seed}))
+
+
+def test_student_t_quantiles_equal_the_published_table():
+    """t(0.975, df) against the printed table (Abramowitz & Stegun Table 26.10, to 3 decimals)."""
+    import eval as evaluation
+    for df, t in [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (9, 2.262), (10, 2.228), (29, 2.045),
+                  (120, 1.980)]:
+        assert evaluation.student_t_quantile(df) == pytest.approx(t, abs=5e-4)
+
+
+def test_paired_differences_by_hand(tmp_path, capsys):
+    """Method a minus baseline b on the same seeds: base differences 3, 2, 2 -> mean 2.33, half-width
+    t(0.975, 2) s / sqrt(3) = 4.303 * 0.5774 / 1.732 = 1.43; seeds 4 (only a) and 5 (only b) are left out and counted.
+    HM per seed, then differenced; `eval.py table --baseline b`, markdown and --json."""
+    import eval as evaluation
+    a = {1: (63.0, 40.0), 2: (62.0, 41.0), 3: (62.0, 44.0), 4: (90.0, 90.0)}
+    b = {1: (60.0, 40.0), 2: (60.0, 40.0), 3: (60.0, 40.0), 5: (10.0, 10.0)}
+    for method, runs in (("a", a), ("b", b)):
+        for seed, (base, new) in runs.items():
+            write_b2n_results(tmp_path, method, seed, base, new)
+    evaluation.main(["table", "--output", str(tmp_path), "--baseline", "b", "--json"])
+    rows = {d["metric"]: d for d in json.loads(capsys.readouterr().out)["differences"]}
+    assert rows["base"]["n"] == 3 and rows["base"]["unpaired"] == 2
+    assert rows["base"]["mean"] == pytest.approx(7 / 3)
+    sd = math.sqrt(((3 - 7 / 3) ** 2 + 2 * (2 - 7 / 3) ** 2) / 2)
+    assert rows["base"]["half_width"] == pytest.approx(4.3027 * sd / math.sqrt(3), abs=1e-3)
+    assert rows["base"]["half_width"] == pytest.approx(1.43, abs=0.005)
+    assert rows["new"]["mean"] == pytest.approx(5 / 3)  # 0, 1, 4
+    hm = lambda x, y: 2 * x * y / (x + y)
+    hm_diffs = [hm(*a[s]) - hm(*b[s]) for s in (1, 2, 3)]
+    assert rows["HM"]["mean"] == pytest.approx(sum(hm_diffs) / 3)
+    assert rows["HM"]["low"] == pytest.approx(rows["HM"]["mean"] - rows["HM"]["half_width"])
+    evaluation.main(["table", "--output", str(tmp_path), "--baseline", "b"])
+    table = capsys.readouterr().out
+    assert "| a | world | 3 (2 unpaired, left out) | **+2.33** [+0.90, +3.77] | +1.67 [-3.50, +6.84] |" in table
+    assert "| a | world | 4 | 69.25 ± 13.84 |" in table  # today's table, as before, above it
+    evaluation.main(["table", "--output", str(tmp_path)])
+    assert "unpaired" not in capsys.readouterr().out  # no --baseline: no differences
+
+
+def test_one_paired_seed_gives_no_interval_and_unknown_baseline_is_one_line(tmp_path, capsys):
+    import eval as evaluation
+    write_b2n_results(tmp_path, "a", 1, 65.0, 41.0)
+    write_b2n_results(tmp_path, "b", 1, 60.0, 40.0)
+    write_b2n_results(tmp_path, "b", 2, 61.0, 40.0)
+    table = evaluation.difference_table(evaluation.collect(tmp_path), "b")
+    assert "| a | world | 1 (1 unpaired, left out) | +5.00 (1 seed, no interval) | +1.00 (1 seed, no interval) |" \
+        in table
+    d = evaluation.base2new_differences(evaluation.collect(tmp_path), "b")[0]
+    assert (d["n"], d["mean"], d["half_width"], d["low"], d["high"]) == (1, 5.0, None, None, None)
+    with pytest.raises(ValueError, match="--baseline ivlp: no runs of that method here"):
+        evaluation.difference_table(evaluation.collect(tmp_path), "ivlp")
+
+
+def test_parallel_testbed_runs_equal_one_process_and_resume(harness, tmp_path):
+    """benchmark.train_in_parallel: two train.py processes at once (one thread each) give the results of one run in
+    this process; a run with results.json is not run again; a failing run stops the call with its error line."""
+    import benchmark
+    common = ["--dataset", "synthetic", "--root", str(harness / "data"), "--backbone", str(harness / "tiny.pt"),
+              "--shots", "4", "--num-workers", "0", "--method", "coop", "--epochs", "1"]
+    runs = [[*common, "--seed", str(seed), "--output-dir", str(tmp_path / f"seed_{seed}")] for seed in (1, 2)]
+    benchmark.train_in_parallel(runs, jobs=2)
+    run_train(harness, tmp_path / "here", "--method", "coop", "--epochs", "1", "--seed", "2", "--lr", "0.002",
+              "--text-depth", "9", "--vision-depth", "9")  # run_train's defaults put back to train.py's
+    here = json.loads((tmp_path / "here" / "results.json").read_text())
+    there = json.loads((tmp_path / "seed_2" / "results.json").read_text())
+    assert there["splits"] == here["splits"] and there["seed"] == 2
+    stamp = (tmp_path / "seed_1" / "results.json").stat().st_mtime_ns
+    benchmark.train_in_parallel(runs, jobs=2)  # both done: nothing runs
+    assert (tmp_path / "seed_1" / "results.json").stat().st_mtime_ns == stamp
+    bad = [*common, "--seed", "1", "--backbone", str(tmp_path / "nowhere.pt"), "--output-dir", str(tmp_path / "bad")]
+    with pytest.raises(RuntimeError, match="nowhere.pt is neither a CLIP model name"):
+        benchmark.train_in_parallel([bad], jobs=1)
+
+
+def test_paired_differences_over_datasets_and_dg_targets(tmp_path):
+    """Several datasets: per seed the mean base and mean new over the datasets and their HM, then differenced (the
+    papers' average row, per seed). DG: per seed the average over targets; a seed whose targets differ is unpaired."""
+    import eval as evaluation
+    for seed, shift in ((1, 1.0), (2, 3.0)):
+        for dataset, (base, new) in (("dtd", (60.0, 40.0)), ("eurosat", (80.0, 50.0))):
+            write_b2n_results(tmp_path / "b2n", "b", seed, base, new, dataset)
+            write_b2n_results(tmp_path / "b2n", "a", seed, base + shift, new + 2 * shift, dataset)
+    rows = evaluation.base2new_differences(evaluation.collect(tmp_path / "b2n"), "b")
+    average = {d["metric"]: d for d in rows if d["dataset"] == "average (2)"}
+    assert average["base"]["mean"] == pytest.approx(2.0) and average["new"]["mean"] == pytest.approx(4.0)
+    hm = lambda x, y: 2 * x * y / (x + y)
+    expected = [hm(70 + s, 45 + 2 * s) - hm(70, 45) for s in (1.0, 3.0)]
+    assert average["HM"]["mean"] == pytest.approx(sum(expected) / 2)
+    assert average["HM"]["half_width"] == pytest.approx(12.7062 * abs(expected[0] - expected[1]) / 2, rel=1e-4)
+    dg = tmp_path / "dg" / "styles"
+    accuracies = {("a", 1): {"x": 50.0, "y": 30.0}, ("a", 2): {"x": 52.0, "y": 30.0}, ("a", 3): {"x": 40.0},
+                  ("b", 1): {"x": 45.0, "y": 30.0}, ("b", 2): {"x": 45.0, "y": 34.0}, ("b", 3): {"x": 40.0, "y": 1.0}}
+    for (method, seed), per_target in accuracies.items():
+        for target, accuracy in per_target.items():
+            run = dg / method / "shots_5" / f"seed_{seed}" / target
+            run.mkdir(parents=True)
+            config = {"protocol": "multi_source_dg", "shots": 5, "seed": seed, "target_domain": target}
+            run.joinpath("results.json").write_text(json.dumps({"config": config,
+                                                                "splits": {"test": {"accuracy": accuracy}}}))
+    (d,) = evaluation.dg_differences(evaluation.collect_dg(tmp_path / "dg"), "b")
+    assert (d["n"], d["unpaired"], d["shots"]) == (2, 1, 5)  # seed 3: the targets differ, left out
+    assert d["mean"] == pytest.approx((2.5 + 1.5) / 2)  # (40 - 37.5), (41 - 39.5)
+    assert d["half_width"] == pytest.approx(12.7062 * statistics.stdev([2.5, 1.5]) / math.sqrt(2), rel=1e-4)
+    table = evaluation.dg_difference_table(evaluation.collect_dg(tmp_path / "dg"), "b")
+    assert "| a | styles | 5 | 2 (1 unpaired, left out) | +2.00 [-4.35, +8.35] |" in table
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # meta.py / ProMetaR (float64 where gradients are compared)
 
