@@ -59,6 +59,7 @@ BASE_CLASSES = 24  # DTD base classes: ceil(47 / 2) (CoCoOp subsample_classes)
 CASES = {"clip": ("image", "text_truncated", "text_full"),
          "methods": ("coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar"),
          "eval": ("eval_coop", "eval_coop_cached", "eval_ivlp")}
+REFERENCE_CASES = ("image", "learner")  # methods' units, same run: an image forward; IVLP's image + 24-class text
 EVAL_BATCH = 100  # Dassl DATALOADER.TEST.BATCH_SIZE
 
 
@@ -122,6 +123,12 @@ def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = Fal
         step = training_step(case, model, "fp32" if plain else precision, backbone)
     elif case in CASES["eval"]:
         step = evaluation_step(case, model, backbone)
+    elif case == "learner":  # IVLP's forward, no gradients: prompted image encoder and the 24 class prompts' text
+        args = train.parse_args(["--method", "ivlp", "--dataset", "dtd", "--backbone", backbone])
+        learner = train.learner_for(args, model, "dtd", [f"class {i}" for i in range(BASE_CLASSES)])
+        size = model.visual.input_resolution
+        images = torch.randn(BATCH, 3, size, size, device=device)  # (B, 3, R, R)
+        step = lambda: learner(images)
     elif case == "image":
         size = model.visual.input_resolution
         images = torch.randn(BATCH, 3, size, size, device=device)  # (B, 3, R, R)
@@ -257,7 +264,7 @@ def gram_base2new_table(output: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=[*CASES, "testbed", "gram"])
-    parser.add_argument("--case", choices=[c for cases in CASES.values() for c in cases],
+    parser.add_argument("--case", choices=[c for cases in CASES.values() for c in cases] + ["learner"],
                         help="run one case in this process (used internally)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", default="fp32", choices=list(train.PRECISIONS),
@@ -289,24 +296,36 @@ def main():
         print(json.dumps(run_case(args.case, args.repeats, args.precision, args.plain_case, args.compile,
                                   args.backbone)))
         return
+    run = lambda case, plain=False: json.loads(subprocess.run(
+        [sys.executable, __file__, args.what, "--case", case, "--repeats", str(args.repeats), "--precision",
+         args.precision, "--backbone", args.backbone] + (["--plain-case"] if plain else [])
+        + (["--compile"] if args.compile and not plain else []), check=True, capture_output=True, text=True).stdout)
+    unit = None
+    if args.what == "methods":  # the units of the goal: image forwards of batch 4, timed in this run
+        unit, learner = (run(case) for case in REFERENCE_CASES)
+        if args.json:
+            print("\n".join(json.dumps(r) for r in (unit, learner)))
+        else:
+            print(f"one image forward of batch {BATCH} (no gradients): {unit['seconds']:.3f} s; one IVLP learner "
+                  f"forward (prompted images and the text of {BASE_CLASSES} class prompts): {learner['seconds']:.3f} s "
+                  f"= {learner['seconds'] / unit['seconds']:.2f} image forwards\n")
     header = f"| {args.backbone}, {torch.get_num_threads()} threads, {args.precision} | seconds | images/s | peak RSS (MB) |"
+    header += " image forwards |" if unit else ""
     if args.plain:
         header += " plain path: seconds | peak RSS (MB) | speed-up |"
     if not args.json:
         print(header + "\n" + "|---" * (header.count("|") - 1) + "|")
     for case in CASES[args.what]:
-        results = [json.loads(subprocess.run([sys.executable, __file__, args.what, "--case", case, "--repeats",
-                                              str(args.repeats), "--precision", args.precision,
-                                              "--backbone", args.backbone]
-                                             + (["--plain-case"] if plain else [])
-                                             + (["--compile"] if args.compile and not plain else []),
-                                             check=True, capture_output=True, text=True).stdout)
-                   for plain in ((False, True) if args.plain else (False,))]
+        results = [run(case, plain) for plain in ((False, True) if args.plain else (False,))]
+        if unit:
+            for r in results:
+                r["image_forwards"] = r["seconds"] / unit["seconds"]
         if args.json:
             print("\n".join(json.dumps(r) for r in results))
             continue
         fast = results[0]
         row = f"| {case} | {fast['seconds']:.3f} | {fast['images_per_second']:.2f} | {fast['peak_rss_mb']:.0f} |"
+        row += f" {fast['image_forwards']:.1f} |" if unit else ""
         if args.plain:
             plain = results[1]
             row += f" {plain['seconds']:.3f} | {plain['peak_rss_mb']:.0f} | {plain['seconds'] / fast['seconds']:.2f}x |"
