@@ -416,14 +416,29 @@ def share(n: int, args) -> tuple:
     return slice(start, stop), (stop - start) / n if n else 0.0
 
 
+class SumOverProcesses(torch.autograd.Function):
+    """A differentiable all-reduce sum: every process's output depends on every process's input, so the gradient of
+    each input is the sum over processes of the incoming gradients, itself through this Function, so that a double
+    backward (ProMetaR's inner step under torchrun) crosses the processes again (what the deprecated
+    torch.distributed.nn.functional.all_reduce does)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.contiguous().clone()  # never in place into a view (an expanded zero gradient has stride 0)
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return SumOverProcesses.apply(grad)
+
+
 def all_reduce_sum(args, tensor: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
-    """The sum over processes (the tensor itself for one process); differentiable=True keeps the autograd graph
-    (torch.distributed.nn: the backward of a sum is the sum of the incoming gradients)."""
+    """The sum over processes (the tensor itself for one process); differentiable=True keeps the autograd graph."""
     if args.world_size == 1:
         return tensor
     if differentiable:
-        import torch.distributed.nn.functional as dist_fn
-        return dist_fn.all_reduce(tensor)
+        return SumOverProcesses.apply(tensor)
     tensor = tensor.contiguous().clone()  # never in place into a view (an expanded zero gradient has stride 0)
     dist.all_reduce(tensor)
     return tensor
