@@ -20,9 +20,9 @@ MetaPrompt on the offline testbed with the shipped small CLIP and each method's 
 seeds 1 to 10: base-to-new on `world` (base / new / HM, mean ± std over the seeds), and leave-one-style-out
 multi-source DG on `world_styles` with 1 and 5 shots per class and source style (accuracy per held-out style and the
 average). Then, for each of IVLP and PromptSRC as the baseline, every other method's paired difference to it (same
-seed, 95% interval: eval.py's `--baseline`). `--jobs N` runs N train.py processes at once (default: one a core). The
-README's testbed tables come from this command; a run whose results.json exists is not run again, so an interrupted
-call resumes.
+seed, 95% interval: eval.py's `--baseline`). `--jobs N` runs N train.py processes at once (default: one a core),
+each with one thread, so the table does not depend on N. The README's testbed tables come from this command; a run
+whose results.json exists is not run again, so an interrupted call resumes.
 
 `python benchmark.py gram` writes 10,000 image-caption pairs of the testbed's pretraining distribution, meta-trains
 GRAM on them for CoOp and for IVLP (GRAM_TESTBED_STEPS each), then trains CoOp and IVLP with and without the GRAM file
@@ -161,14 +161,18 @@ TESTBED_BASELINES = ("ivlp", "promptsrc")  # the prompts ProMetaR trains; its re
 DG_SHOTS = (1, 5)  # MetaPrompt's DG table: 1 and 5 shots per class and source domain
 
 
+TESTBED_THREADS = 1  # torch threads of every testbed run, whatever --jobs: the results do not depend on it
+
+
 def train_in_parallel(runs, jobs: int) -> None:
     """Run train.py argument lists (each with its --output-dir), `jobs` at a time, each in a process of its own with
-    its share of the cores as torch threads; a run whose results.json exists is skipped, so an interrupted call
-    resumes. The testbed's small models gain nothing from a second thread (one or two give the same seconds and the
-    same results), so two jobs on two cores take about half the time."""
+    TESTBED_THREADS torch threads; a run whose results.json exists is skipped, so an interrupted call resumes. The
+    testbed's small models gain nothing from a second thread (CoOp: the same seconds with one or two), so two jobs on
+    two cores take about half the time. The thread count is fixed because it can move a result by float noise
+    (ProMetaR's double backward sums in another order with two threads), so every --jobs gives the same table."""
     todo = [argv for argv in runs if not os.path.exists(os.path.join(argv[argv.index("--output-dir") + 1],
                                                                      "results.json"))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(TESTBED_THREADS)}
     running = []
     while todo or running:
         while todo and len(running) < jobs:
