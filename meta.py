@@ -60,14 +60,23 @@ class GradientModulator(nn.Module):
         return gate.repeat_interleave(self.dim_rate).view_as(grad_task).to(grad_task.dtype)  # (P)
 
 
-def loss_gradients(losses: dict, params: dict, create_graph: bool) -> tuple:
+def scaled_grad(loss: torch.Tensor, inputs, loss_scale: float = 1.0, **kwargs) -> tuple:
+    """torch.autograd.grad of loss * loss_scale, divided back by it: fp16 loss scaling (gradients too small for
+    float16 are computed scaled up; exact for a power-of-two scale). loss_scale 1: torch.autograd.grad itself."""
+    if loss_scale == 1.0:
+        return torch.autograd.grad(loss, inputs, **kwargs)
+    grads = torch.autograd.grad(loss * loss_scale, inputs, **kwargs)
+    return tuple(None if g is None else g / loss_scale for g in grads)
+
+
+def loss_gradients(losses: dict, params: dict, create_graph: bool, loss_scale: float = 1.0) -> tuple:
     """(grad L_task, grad L_reg) as dicts over `params`; zeros where a loss does not reach a parameter (the text
     regularizer does not reach vision prompts). maml.py:109-140 takes the same gradients with allow_unused."""
     names, tensors = list(params), list(params.values())
-    g_task = torch.autograd.grad(losses["task"], tensors, create_graph=create_graph, retain_graph=True,
-                                 allow_unused=True)
-    g_reg = torch.autograd.grad(losses["reg"], tensors, create_graph=create_graph, retain_graph=create_graph,
-                                allow_unused=True) if losses["reg"].requires_grad else [None] * len(tensors)
+    g_task = scaled_grad(losses["task"], tensors, loss_scale, create_graph=create_graph, retain_graph=True,
+                         allow_unused=True)
+    g_reg = scaled_grad(losses["reg"], tensors, loss_scale, create_graph=create_graph, retain_graph=create_graph,
+                        allow_unused=True) if losses["reg"].requires_grad else [None] * len(tensors)
     fill = [torch.zeros_like(p) for p in tensors]
     return ({n: g if g is not None else z for n, g, z in zip(names, g_task, fill, strict=True)},
             {n: g if g is not None else z for n, g, z in zip(names, g_reg, fill, strict=True)})
@@ -84,14 +93,14 @@ def inner_update(params: dict, grads: dict, inner_lr: float) -> dict:
     return {name: p - inner_lr * grads[name] for name, p in params.items()}
 
 
-def regularized_gradients(loss_fn, params: dict, batch, gate, reduce=None) -> tuple:
+def regularized_gradients(loss_fn, params: dict, batch, gate, reduce=None, loss_scale: float = 1.0) -> tuple:
     """Step A of the released iteration (prometar.py:415-424): the modulated gradient on the whole batch, to be
     applied by an ordinary optimizer step. No graph is kept (the released code builds one and never uses it).
     `reduce(grad_task, grad_reg)` (optional) maps both gradient dicts before the modulation (data parallelism: the sum
-    over processes).
+    over processes); `loss_scale`: fp16 loss scaling (scaled_grad), so the gate sees the true gradients.
     Returns (gradients {name: (P)}, every entry of loss_fn's dict detached: "task", "reg" and any extras)."""
     losses = loss_fn(params, batch)
-    grad_task, grad_reg = loss_gradients(losses, params, create_graph=False)
+    grad_task, grad_reg = loss_gradients(losses, params, create_graph=False, loss_scale=loss_scale)
     if reduce is not None:
         grad_task, grad_reg = reduce(grad_task, grad_reg)
     with torch.no_grad():
@@ -104,12 +113,14 @@ def second_order_attention(enabled: bool):
 
 
 def meta_loss(loss_fn, outer_loss_fn, params: dict, support, query, gate, *, inner_lr: float, outer_scale: float,
-              first_order: bool = False, reduce=None) -> torch.Tensor:
+              first_order: bool = False, reduce=None, loss_scale: float = 1.0) -> torch.Tensor:
     """Step B (prometar.py:426-459): adapt on the support set with the modulated gradient, one step, then the
     scaled outer loss of the adapted parameters on the (augmented) query. Call `.backward()` on the result to get
-    the meta-gradients of theta (through theta') and of the gate's parameters phi."""
+    the meta-gradients of theta (through theta') and of the gate's parameters phi (fp16: of the result times the loss
+    scale; `loss_scale` scales the inner step's gradients the same way, scaled_grad)."""
     with second_order_attention(not first_order):
-        grad_task, grad_reg = loss_gradients(loss_fn(params, support), params, create_graph=not first_order)
+        grad_task, grad_reg = loss_gradients(loss_fn(params, support), params, create_graph=not first_order,
+                                             loss_scale=loss_scale)
     if reduce is not None:  # a differentiable map (data parallelism: the sum over processes)
         grad_task, grad_reg = reduce(grad_task, grad_reg)
     adapted = inner_update(params, modulated_gradients(grad_task, grad_reg, gate), inner_lr)
@@ -219,7 +230,8 @@ def domain_splits(domains: torch.Tensor, released_range: bool = True) -> list:
 
 def domain_split_update(loss_fn, params: dict, name: str, splits: list, buffers: dict, *, lr: float,
                         meta_step: float, momentum: float, weight_decay: float, inner_optimizer: bool = True,
-                        frozen_drift: bool = True, aliased_restore: bool = True, reduce=None) -> tuple:
+                        frozen_drift: bool = True, aliased_restore: bool = True, reduce=None,
+                        loss_scale: float = 1.0) -> tuple:
     """MetaPrompt's domain-split update of the prompt `name` (B2N: the text prompt; DG: the visual prompt).
 
     For each split (support, query): an inner step on the support loss, the first-order gradient g_i of the query
@@ -234,14 +246,15 @@ def domain_split_update(loss_fn, params: dict, name: str, splits: list, buffers:
       aliased_restore: `ctx.data = deepcopy_before_the_loop` makes ctx share the snapshot's storage, so the first
         split is restored exactly and every later inner step is kept: split i >= 2 starts from split i-1's adapted
         prompt, and the final write applies to the last adapted prompt (two halves: theta_1' - lr 0.2 (g0 + g1)).
-    `reduce` (optional) maps every gradient taken (data parallelism: the sum over processes).
+    `reduce` (optional) maps every gradient taken (data parallelism: the sum over processes); `loss_scale`: fp16 loss
+    scaling of every gradient taken (scaled_grad).
     Returns (new params {name: tensor}, new buffers); nothing is written in place."""
     reduce = reduce or (lambda g: g)
     theta0 = {k: v.detach() for k, v in params.items()}
     current, buffers, meta_grads = dict(theta0), dict(buffers), []
     for support, query in splits:
         base = current[name].detach().requires_grad_()
-        (g,) = torch.autograd.grad(loss_fn({**current, name: base}, support), [base])
+        (g,) = scaled_grad(loss_fn({**current, name: base}, support), [base], loss_scale)
         g = reduce(g)
         if inner_optimizer:
             grads = {k: (g if k == name else torch.zeros_like(v)) for k, v in current.items()
@@ -252,7 +265,7 @@ def domain_split_update(loss_fn, params: dict, name: str, splits: list, buffers:
             adapted = {**current, name: current[name] - lr * (g + weight_decay * current[name])}
         adapted = {k: v.detach() for k, v in adapted.items()}
         query_point = adapted[name].requires_grad_()
-        (g_query,) = torch.autograd.grad(loss_fn({**adapted, name: query_point}, query), [query_point])
+        (g_query,) = scaled_grad(loss_fn({**adapted, name: query_point}, query), [query_point], loss_scale)
         g_query = reduce(g_query)
         meta_grads.append(g_query)
         restored = adapted[name].detach() if aliased_restore and len(meta_grads) > 1 else theta0[name]
@@ -463,14 +476,15 @@ def mixup_contrastive_loss(image_q, text_q, image_a, text_a, lam: float, scale) 
 
 
 def regulated_inner_update(loss_fn, params: dict, regulate, support, *, alpha: float,
-                           second_order: bool = False) -> tuple:
+                           second_order: bool = False, loss_scale: float = 1.0) -> tuple:
     """GRAM's inner step (SUPMER: meta.py:105-143): g_s = grad L_s(theta), taken without a graph (first order in theta;
     `second_order=True`, a reconstruction flag, keeps it), theta' = theta - alpha psi_phi(g_s, e_s); theta' depends on
     phi through psi, so the outer loss at theta' gives phi its exact gradient and theta the first-order one.
-    `loss_fn(params, batch) -> (loss, {name: context e})`; `regulate(name, grad, context) -> (regulated, gate)`.
+    `loss_fn(params, batch) -> (loss, {name: context e})`; `regulate(name, grad, context) -> (regulated, gate)`;
+    `loss_scale`: fp16 loss scaling of g_s (scaled_grad).
     Returns (theta', {name: psi(g_s)}, {name: gate c}, the support loss, {name: context})."""
     loss, contexts = loss_fn(params, support)
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
+    grads = scaled_grad(loss, list(params.values()), loss_scale, create_graph=second_order)
     regulated, gates = {}, {}
     contexts = {name: contexts[name].detach() for name in params}
     for (name, p), g in zip(params.items(), grads, strict=True):

@@ -1944,16 +1944,21 @@ def interrupt_after_saves(monkeypatch, n):
     return save
 
 
-def test_prometar_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_prometar_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch, precision):
     """Killed after its second epoch's checkpoint and resumed: the same prompts, gate and gate optimizer state as an
-    uninterrupted run, bit for bit (so the gate and its momentum are restored, not re-initialised)."""
+    uninterrupted run, bit for bit (so the gate and its momentum are restored, not re-initialised). fp16: the loss
+    scale has backed off before the cut, so the resumed run must continue from the saved scale."""
     import train
-    extra = ("--method", "prometar", "--epochs", "3", "--regularizer-lr", "0.5")  # a gate that visibly moves
+    extra = ("--method", "prometar", "--epochs", "3", "--regularizer-lr", "0.5",  # a gate that visibly moves
+             "--precision", precision)
     run_train(harness, tmp_path / "full", *extra)
     save = interrupt_after_saves(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_train(harness, tmp_path / "cut", *extra)
     mid = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    if precision == "fp16":
+        assert mid["scaler"]["scale"] < 2.0 ** 16  # GradScaler's initial scale overflowed float16 and backed off
     monkeypatch.setattr(train, "save_atomic", save)
     run_train(harness, tmp_path / "cut", *extra, "--resume")
     full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
@@ -3220,25 +3225,38 @@ def test_transfer_protocol_runs_and_table(harness, tmp_path, capsys):
 
 
 # --- speed and scale (issue #19) ----------------------------------------------------------------------------------
+FP16_LOSS_SCALE = 2.0 ** 10  # below GradScaler's 2^16, which overflows the tiny CLIP's first float16 gradients
 BF16_TOLERANCE = 0.05  # absolute, on losses of order 1 (bf16 keeps 8 bits of mantissa: ~0.4% per rounding)
 
 
 @pytest.mark.parametrize("method", ["coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt", "gram"])
 def test_bf16_autocast_losses_stay_within_tolerance_of_fp32(harness, gram_pairs, tmp_path, method, monkeypatch):
-    """--precision bf16 (here on the CPU) runs every forward, the meta steps' second-order regions included, under
-    autocast: the first iteration's losses differ from fp32 (the path ran) by less than BF16_TOLERANCE, and the
-    prompts stay float32."""
+    """--precision bf16 and fp16 (here on the CPU; fp16 with loss scaling) run every forward, the meta steps'
+    second-order regions included, under autocast: the first iteration's losses differ from fp32 (the path ran) by
+    less than BF16_TOLERANCE, and the prompts stay float32; in fp16 every hand-made gradient of the meta steps is
+    taken with the GradScaler's loss scale (meta.scaled_grad), in fp32 and bf16 with none."""
+    import functools
+
+    import meta
     import train
-    logs, dtypes = {}, []
-    encode = clip_model.CLIP.encode_image
+    logs, dtypes, scales = {}, [], []
+    encode, scaled_grad = clip_model.CLIP.encode_image, meta.scaled_grad
 
     def spy(self, *a, **k):
         out = encode(self, *a, **k)
         dtypes.append((out[0] if isinstance(out, tuple) else out).dtype)
         return out
-    for precision in ("fp32", "bf16"):
+
+    def scale_spy(loss, inputs, loss_scale=1.0, **k):
+        scales.append(loss_scale)
+        return scaled_grad(loss, inputs, loss_scale, **k)
+    monkeypatch.setattr(meta, "scaled_grad", scale_spy)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=FP16_LOSS_SCALE))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    for precision in ("fp32", *low):
         out = tmp_path / precision
         dtypes.clear()
+        scales.clear()
         monkeypatch.setattr(clip_model.CLIP, "encode_image", spy)
         if method == "gram":
             train.run(gram_args(harness, gram_pairs, out, "--gram-steps", "1", "--precision", precision))
@@ -3248,12 +3266,81 @@ def test_bf16_autocast_losses_stay_within_tolerance_of_fp32(harness, gram_pairs,
         saved = torch.load(out / ("gram.pt" if method == "gram" else "prompts.pt"), weights_only=True)["prompts"]
         assert all(v.dtype == torch.float32 for v in saved.values())
         if method != "gram":  # (GRAM's one-off clustering of frozen features is not a training forward)
-            assert set(dtypes) == {torch.float32 if precision == "fp32" else torch.bfloat16}, (precision, dtypes)
+            assert set(dtypes) == {low.get(precision, torch.float32)}, (precision, dtypes)
+        if method in ("prometar", "metaprompt", "gram"):
+            assert scales and all((s > 1.0) if precision == "fp16" else (s == 1.0) for s in scales), (precision, scales)
     keys = [k for k in logs["fp32"] if k not in ("epoch", "iteration", "step", "seconds", "lr", "accuracy", "lam",
                                                    "agreement", "gate")]
-    assert keys and any(logs["fp32"][k] != logs["bf16"][k] for k in keys)
-    for k in keys:
-        assert abs(logs["fp32"][k] - logs["bf16"][k]) < BF16_TOLERANCE * max(1.0, abs(logs["fp32"][k])), (k, logs)
+    for precision in low:
+        assert keys and any(logs["fp32"][k] != logs[precision][k] for k in keys)
+        for k in keys:
+            assert abs(logs["fp32"][k] - logs[precision][k]) < BF16_TOLERANCE * max(1.0, abs(logs["fp32"][k])), \
+                (precision, k, logs)
+
+
+def test_loss_scaling_recovers_a_gradient_that_underflows_in_fp16():
+    """meta.scaled_grad: a float32 prompt whose gradient, 1e-8, passes through float16 (smallest subnormal 6e-8)
+    is 0 without loss scaling and 1e-8 with it (the analytic value)."""
+    import meta
+    w = torch.ones(3, requires_grad=True)
+    loss = lambda: ((w.half() * 1e-4).sum() * 1e-4).float()  # d loss / d w = 1e-8 per element
+    assert torch.equal(meta.scaled_grad(loss(), [w])[0], torch.zeros(3))
+    assert torch.allclose(meta.scaled_grad(loss(), [w], 2.0 ** 12)[0], torch.full((3,), 1e-8), rtol=1e-3)
+
+
+def test_loss_scaling_changes_no_meta_gradient():
+    """In float64, every hand-made gradient of the meta steps (ProMetaR's steps A and B with their meta-gradients,
+    MetaPrompt's split update, GRAM's regulated inner step) is the same with a loss scale of 2^10 as without."""
+    import torch.nn.functional as F
+
+    import meta
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(3, (8,))
+
+    def losses(p, batch):
+        out = torch.func.functional_call(net, p, (batch[0],))
+        return {"task": F.cross_entropy(out, batch[1]), "reg": out.pow(2).mean()}
+    gate = meta.GradientModulator({k: v.shape for k, v in params.items()}, dim_rate=1).double()
+    support, query = (x[:4], y[:4]), (x[4:], y[4:])
+    results = []
+    for scale in (1.0, 2.0 ** 10):
+        step_a, _ = meta.regularized_gradients(losses, params, (x, y), gate, loss_scale=scale)
+        loss = meta.meta_loss(losses, lambda p, b: losses(p, b)["task"], params, support, query, gate, inner_lr=0.5,
+                              outer_scale=1.0, loss_scale=scale)
+        meta_grads = [g / scale for g in torch.autograd.grad(loss * scale, [*params.values(), *gate.parameters()])]
+        split, _ = meta.domain_split_update(lambda p, b: losses(p, b)["task"], params, "0.weight",
+                                            [(support, query), (query, support)], {k: None for k in params}, lr=0.1,
+                                            meta_step=0.2, momentum=0.9, weight_decay=5e-4, loss_scale=scale)
+        adapted, *_ = meta.regulated_inner_update(
+            lambda p, b: (losses(p, b)["task"], {k: torch.zeros(1) for k in p}), params,
+            lambda name, g, context: (torch.tanh(g), None), support, alpha=0.5, loss_scale=scale)
+        results.append([*step_a.values(), *meta_grads, *split.values(), *adapted.values()])
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("method", ["coop", "prometar", "metaprompt", "gram"])
+def test_fp16_overflow_skips_the_step_and_backs_off_the_scale(harness, gram_pairs, tmp_path, method, monkeypatch):
+    """fp16 with a loss scale far too large (2^100): every gradient overflows float16, so every update is skipped (the
+    prompts stay finite) and the scale halves at each skip, GradScaler's rule: once per iteration (ProMetaR: step A
+    overflows, the iteration stops there), MetaPrompt once per step (its split step has no split when a class half
+    has no image in the batch); the checkpoint keeps the scale, so a resumed run continues from it."""
+    import functools
+
+    import train
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 100))
+    if method == "gram":
+        train.run(gram_args(harness, gram_pairs, tmp_path, "--gram-steps", "2", "--precision", "fp16"))
+        steps = 2
+    else:
+        run_train(harness, tmp_path, "--method", method, "--epochs", "1", "--batch-size", "4", "--precision", "fp16")
+        steps = len(read_log(tmp_path))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    halvings = 100 - math.log2(ckpt["scaler"]["scale"])
+    assert steps >= 2 and halvings == int(halvings)
+    assert steps < halvings <= 2 * steps if method == "metaprompt" else halvings == steps
+    assert all(torch.isfinite(v).all() for v in ckpt["prompts"].values())
 
 
 def test_frozen_image_evaluation_encodes_each_test_image_once(harness, tmp_path, monkeypatch):

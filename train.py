@@ -392,6 +392,27 @@ def in_precision(args, device: str, fn):
     return wrapped
 
 
+NO_LOSS_SCALING = torch.amp.GradScaler("cpu", enabled=False)  # fp32 / bf16: scale() and step() pass through
+
+
+def loss_scale(scaler) -> float:
+    """The factor the hand-made steps multiply their losses by before torch.autograd.grad (meta.scaled_grad): the
+    GradScaler's under fp16 (its scale() of a one, which also starts the scaler on first use), 1 otherwise."""
+    return float(scaler.scale(torch.ones(()))) if scaler.is_enabled() else 1.0
+
+
+def finite_or_back_off(scaler, tensors) -> bool:
+    """fp16: whether every hand-made gradient (or update) is finite; if one is not, the caller skips its update and
+    the loss scale backs off, as GradScaler.step and update do for .grad. Always True without fp16 (fp32 and bf16
+    take every step, as PyTorch's GradScaler-free loops do)."""
+    if not scaler.is_enabled():
+        return True
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    if not finite:
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    return finite
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # torchrun: every process loads the same global batch (same seeded draws: batches, augmentations, virtual tasks),
 # computes on its contiguous share of it, and the gradients are summed with explicit all-reduces, each process's
@@ -637,14 +658,15 @@ def prometar_outer_loss(learner, params, batch) -> torch.Tensor:
     return weight * meta.mixup_cross_entropy(logits, labels[query], labels[partner], lam)
 
 
-def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels):
+def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels, scaler=None):
     """One ProMetaR iteration as released (prometar.py:410-466): step A, an SGD step with the modulated gradient
     on the whole batch; step B, one virtual task (skipped for a single-class batch), whose meta-gradient updates
     the prompts (a second step of the same optimizer) and the gate phi. Under torchrun each process computes the
     losses of its share of the batch (of the support set, of the query) weighted by that share, and the gradients are
     summed before the gate modulates them (the inner step's sum keeps its graph), so every process takes the step of
-    one process on the whole batch."""
-    params, device = prompts.prompt_parameters(learner), images.device.type
+    one process on the whole batch. fp16: the losses are scaled (`scaler`), every gradient unscaled where it is taken;
+    a non-finite step A skips the iteration, a non-finite meta-gradient skips both step B updates."""
+    params, device, scaler = prompts.prompt_parameters(learner), images.device.type, scaler or NO_LOSS_SCALING
     with autocast(args, device):
         frozen_image = teacher.image_features(images) if getattr(learner, "vision_ctx", None) is not None else None
 
@@ -662,10 +684,11 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
     part, weight = share(len(labels), args)
     local = (images[part], labels[part], None if frozen_image is None else frozen_image[part])
     grads, losses = meta.regularized_gradients(lambda p, b: loss_fn(p, b, weight), params, local, gate,
-                                               reduce=reduce)  # step A
-    if args.meta_second_step:
+                                               reduce=reduce, loss_scale=loss_scale(scaler))  # step A
+    finite = finite_or_back_off(scaler, grads.values())
+    if args.meta_second_step and finite:
         apply_gradients(optimizer, params, grads)
-    task = meta.split_virtual_task(labels)
+    task = meta.split_virtual_task(labels) if finite else None
     optimizer.zero_grad(set_to_none=True)
     gate_optimizer.zero_grad(set_to_none=True)
     if task is not None:  # step B
@@ -679,17 +702,20 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
                        q_weight)
         loss_meta = meta.meta_loss(lambda p, b: loss_fn(p, b, s_weight), outer_fn, params, support_batch,
                                    query_batch, gate, inner_lr=args.meta_inner_lr, outer_scale=args.meta_outer_scale,
-                                   first_order=args.first_order, reduce=reduce_inner)
-        loss_meta.backward()
+                                   first_order=args.first_order, reduce=reduce_inner, loss_scale=loss_scale(scaler))
+        scaler.scale(loss_meta).backward()
         reduce_gradients(args, [params, gate])
+        scaler.unscale_(optimizer)  # fp16: the meta-gradients unscaled, checked for inf (GradScaler)
+        scaler.unscale_(gate_optimizer)
         losses["meta"] = all_reduce_sum(args, loss_meta.detach())
-    if args.meta_second_step:
-        if task is not None:
-            optimizer.step()
-    else:  # one step with the sum of step A's gradient and the meta-gradient
-        apply_gradients(optimizer, params, {k: grads[k] + (p.grad if p.grad is not None else 0)
-                                            for k, p in params.items()})
-    gate_optimizer.step()
+        if not args.meta_second_step:  # one step with the sum of step A's gradient and the meta-gradient
+            for k, p in params.items():
+                p.grad = grads[k] + (p.grad if p.grad is not None else 0)
+        scaler.step(optimizer)  # skipped when a meta-gradient is not finite (fp16)
+        scaler.step(gate_optimizer)
+        scaler.update()
+    elif finite and not args.meta_second_step:  # no virtual task: step A's gradient alone
+        apply_gradients(optimizer, params, grads)
     logits = gather_rows(args, losses.pop("logits"))  # step A's, before its update
     for key in ("task", "reg"):
         losses[key] = all_reduce_sum(args, losses[key].clone())
@@ -718,23 +744,25 @@ def metaprompt_image_loss(learner, params, batch) -> torch.Tensor:
     return F.cross_entropy(torch.func.functional_call(learner, params, (images,), {"branch": "image"}), labels)
 
 
-def metaprompt_step(args, learner, optimizer, images, labels, domains):
+def metaprompt_step(args, learner, optimizer, images, labels, domains, scaler=None):
     """One MetaPrompt iteration as released (meta.py `Meta_B2N` / `Meta_DG.forward_backward`). Step A: the in-domain
     loss on the whole batch, one SGD step of both prompts. Step B: the domain-split meta update of one prompt
     (meta.domain_split_update), at the optimizer's live lr. Base-to-new: the text prompt over two random class halves,
     the inner and meta-test losses CE(l_t) on each half's classes (only the text branch runs: the frozen image
     features of the batch are computed once). Multi-source DG: the visual prompt, leave-one-domain-out in the batch,
     CE(l_i) over all classes (only the image branch runs). Under torchrun each process takes its share of the batch
-    and of every split's sets, weighted by that share, and the gradients are summed."""
-    device, params = images.device.type, prompts.prompt_parameters(learner)
+    and of every split's sets, weighted by that share, and the gradients are summed. fp16: both steps' losses are
+    scaled (`scaler`) and their gradients unscaled; a non-finite step is skipped and the scale backs off."""
+    device, params, scaler = images.device.type, prompts.prompt_parameters(learner), scaler or NO_LOSS_SCALING
     part, weight = share(len(labels), args)
     with autocast(args, device):
         frozen_image = learner.frozen_image_features(images)  # (B, E), once per batch
         losses, logits = metaprompt_in_domain_losses(learner, images[part], labels[part], frozen_image[part])  # A
     optimizer.zero_grad(set_to_none=True)
-    (weight * sum(losses.values())).backward()
+    scaler.scale(weight * sum(losses.values())).backward()
     reduce_gradients(args, [params])
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     if args.protocol == "multi_source_dg":  # step B': visual prompt, leave one source domain out
         name = "vision_ctx"
         splits = [((images[s], labels[s]), (images[q], labels[q]))
@@ -764,12 +792,13 @@ def metaprompt_step(args, learner, optimizer, images, labels, domains):
         loss_fn, params, name, splits, buffers, lr=optimizer.param_groups[0]["lr"],
         meta_step=args.metaprompt_meta_step, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
         inner_optimizer=args.metaprompt_inner_optimizer, frozen_drift=args.metaprompt_frozen_drift,
-        aliased_restore=args.metaprompt_aliased_restore, reduce=reduce)
-    with torch.no_grad():  # write the result as an optimizer would: values and momentum buffers
-        for k, p in params.items():
-            p.copy_(new[k])
-            if buffers[k] is not None:
-                optimizer.state[p]["momentum_buffer"] = buffers[k]
+        aliased_restore=args.metaprompt_aliased_restore, reduce=reduce, loss_scale=loss_scale(scaler))
+    if finite_or_back_off(scaler, [new[name]]):
+        with torch.no_grad():  # write the result as an optimizer would: values and momentum buffers
+            for k, p in params.items():
+                p.copy_(new[k])
+                if buffers[k] is not None:
+                    optimizer.state[p]["momentum_buffer"] = buffers[k]
     return {k: all_reduce_sum(args, weight * v.detach()) for k, v in losses.items()}, gather_rows(args, logits)
 
 
@@ -882,6 +911,8 @@ def main(args):
         prompts.load_prompts(learner, ckpt["prompts"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, snapshots = ckpt["epoch"], ckpt["snapshots"]
+        if ckpt.get("scaler"):  # fp16: the loss scale and its growth count, so the run resumes exactly
+            scaler.load_state_dict(ckpt["scaler"])
         if gate is not None:
             gate.load_state_dict(ckpt["gate"])
             gate_optimizer.load_state_dict(ckpt["gate_optimizer"])
@@ -903,9 +934,11 @@ def main(args):
         for iteration, batch in enumerate(bar):
             images, labels = batch["img"].to(device, non_blocking=True), batch["label"].to(device)
             if gate is not None:
-                losses, logits = prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels)
+                losses, logits = prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels,
+                                               scaler)
             elif args.method == "metaprompt":
-                losses, logits = metaprompt_step(args, learner, optimizer, images, labels, batch["domain"].to(device))
+                losses, logits = metaprompt_step(args, learner, optimizer, images, labels, batch["domain"].to(device),
+                                                 scaler)
             else:
                 losses, logits = sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device,
                                           regulators)
@@ -920,7 +953,8 @@ def main(args):
             save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "optimizer": optimizer.state_dict(),
                          "epoch": epoch + 1, "snapshots": snapshots, "config": vars(args), "classnames": classnames,
                          "gate": gate.state_dict() if gate is not None else None,
-                         "gate_optimizer": gate_optimizer.state_dict() if gate is not None else None}, ckpt_path)
+                         "gate_optimizer": gate_optimizer.state_dict() if gate is not None else None,
+                         "scaler": scaler.state_dict()}, ckpt_path)
     log.close()
     if gpa_weights is not None and snapshots:  # PromptSRC Sec. 3.3: the final prompts are the Gaussian average
         prompts.load_prompts(learner, prompts.aggregate_prompts(snapshots, gpa_weights))
@@ -1004,16 +1038,18 @@ def pair_batch(learner, pairs, index, transform, device) -> tuple:
 
 
 def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement, generator, first,
-              n_tasks=None, offset=0):
+              n_tasks=None, offset=0, scaler=None):
     """One meta-training step (SUPMER: model/meta.py:77-212) over a meta-batch of tasks (support, query, partner,
     domain similarity): per task the regulated inner step (meta.regulated_inner_update), the curriculum's mixup
     weight, the mixup InfoNCE of the query and partner batches at the adapted prompts, whose backward gives the
     prompts their first-order and the regulators their exact gradient; the support/query gradient agreement s;
     the gate regularizer; then both gradients clipped separately, both Adam steps, and the agreement's running mean.
     Under torchrun each process takes the tasks `offset`.. of the `n_tasks` of the meta-batch (every process draws
-    every task's curriculum weight, in order), and the gradients, agreements and logged values are summed.
+    every task's curriculum weight, in order), and the gradients, agreements and logged values are summed. fp16: the
+    inner and outer losses are scaled (`scaler`), the gradients unscaled before the regulators, the agreement and the
+    clipping; a non-finite step is skipped and the scale backs off.
     Returns (losses, new agreement)."""
-    params = prompts.prompt_parameters(learner)
+    params, scaler = prompts.prompt_parameters(learner), scaler or NO_LOSS_SCALING
     optimizer.zero_grad(set_to_none=True)
     regulator_optimizer.zero_grad(set_to_none=True)
     n, sims, logged = n_tasks or len(tasks), [], {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0}
@@ -1023,32 +1059,34 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
         with meta.second_order_attention(args.gram_second_order):  # double backward through attention: math kernel
             adapted, regulated, gates, support_loss, contexts = meta.regulated_inner_update(
                 in_precision(args, device, lambda p, b: pair_loss(learner, p, b)), params, regulators, support,
-                alpha=args.gram_alpha,
-                second_order=args.gram_second_order)
+                alpha=args.gram_alpha, second_order=args.gram_second_order, loss_scale=loss_scale(scaler))
             with autocast(args, device):
                 q = torch.func.functional_call(learner, adapted, (query[0],), {"captions": query[1]})
                 a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
                 outer = meta.mixup_contrastive_loss(q.image_features, q.text_features, a.image_features,
                                                     a.text_features, lam, scale)
             before = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
-            (outer / n).backward()
-        s_tau = statistics.fmean(meta.gradient_agreement((p.grad - before[k]) * n, regulated[k].detach())
-                                 for k, p in params.items())
+            scaler.scale(outer / n).backward()
+        s_tau = statistics.fmean(meta.gradient_agreement((p.grad - before[k]) * n / loss_scale(scaler),
+                                                         regulated[k].detach()) for k, p in params.items())
         groups = {regulators.key(k): k for k in params}  # one gate per regulator
         if args.gram_gate_regularizer and args.gram_regulator != "meta_sgd":
             terms = [meta.gate_regularizer(regulators.gate(k, contexts[k]), domain_similarity, s_tau)
                      for k in groups.values()]
-            (sum(terms) / n).backward()  # its only gradient path is the gate
+            scaler.scale(sum(terms) / n).backward()  # its only gradient path is the gate
         sims.append(s_tau)
         gate_values = [float(gates[k].detach()) for k in groups.values() if gates[k] is not None]
         for key, value in (("support", float(support_loss)), ("outer", float(outer.detach())), ("lam", lam),
                            ("gate", statistics.fmean(gate_values) if gate_values else 0.0)):
             logged[key] += value / n
     reduce_gradients(args, [params, regulators])
+    scaler.unscale_(optimizer)  # fp16: unscaled before clipping, checked for inf (GradScaler)
+    scaler.unscale_(regulator_optimizer)
     torch.nn.utils.clip_grad_norm_(list(params.values()), args.gram_clip)
     torch.nn.utils.clip_grad_norm_(list(regulators.parameters()), args.gram_clip)
-    optimizer.step()
-    regulator_optimizer.step()
+    scaler.step(optimizer)
+    scaler.step(regulator_optimizer)
+    scaler.update()
     totals = all_reduce_sum(args, torch.tensor([sum(sims), *logged.values()], dtype=torch.float64,
                                                device=learner.clip.logit_scale.device))
     mean_sim, logged = float(totals[0]) / n, dict(zip(logged, totals[1:].tolist()))
@@ -1106,6 +1144,7 @@ def meta_train_gram(args):
     params = prompts.prompt_parameters(learner)
     optimizer = torch.optim.Adam(params.values(), lr=args.gram_prompt_lr, weight_decay=0.0)
     regulator_optimizer = torch.optim.Adam(regulators.parameters(), lr=args.gram_regulator_lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device, enabled=args.precision == "fp16")  # loss scaling for fp16 only
     leaves, centroids = gram_task_tree(args, clip, pairs, device)
     generator = torch.Generator().manual_seed(args.seed)  # leaves, partners, curriculum: one dedicated stream
     transform = data.build_transform(False, clip.visual.input_resolution)
@@ -1119,6 +1158,8 @@ def meta_train_gram(args):
         regulator_optimizer.load_state_dict(ckpt["regulator_optimizer"])
         start_step, agreement = ckpt["step"], ckpt["agreement"]
         generator.set_state(ckpt["generator"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
     log = open_log(os.path.join(args.output_dir, "log.jsonl"), start_step, key="step", write=lead)
     bar = progress(range(start_step, args.gram_steps), "GRAM meta-training", args.no_progress)
     tick = time.perf_counter()
@@ -1135,14 +1176,15 @@ def meta_train_gram(args):
             tasks.append(tuple(pair_batch(learner, pairs, idx, transform, device) for idx in (support, query, partner))
                          + (similarity,))
         losses, agreement = gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement,
-                                      generator, first=step == 0, n_tasks=len(episodes), offset=mine.start)
+                                      generator, first=step == 0, n_tasks=len(episodes), offset=mine.start,
+                                      scaler=scaler)
         bar.set_postfix(outer=f"{float(losses['outer']):.3f}", s=f"{agreement:.3f}")
         tick = log_iteration(log, {"step": step}, {**losses, "lr": args.gram_prompt_lr * decay}, tick)
         if lead and ((step + 1) % args.gram_checkpoint_every == 0 or step + 1 == args.gram_steps):
             save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "regulators": regulators.state_dict(),
                          "optimizer": optimizer.state_dict(), "regulator_optimizer": regulator_optimizer.state_dict(),
                          "step": step + 1, "agreement": agreement, "generator": generator.get_state(),
-                         "config": vars(args)}, ckpt_path)
+                         "scaler": scaler.state_dict(), "config": vars(args)}, ckpt_path)
     log.close()
     if not lead:
         return
