@@ -404,9 +404,10 @@ def table_json(runs: dict, dg_runs: dict, baseline=None) -> dict:
         out["multi_source_dg"].append({"method": method, "dataset": dataset, "shots": shots, "seeds": sorted(per_seed),
                                        "average": statistics.fmean(averages),
                                        "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0})
-    if baseline is not None:
-        out["differences"] = ((base2new_differences(runs, baseline) if runs else [])
-                              + (dg_differences(dg_runs, baseline) if dg_runs else []))
+    if baseline is not None:  # where the baseline has runs
+        out["differences"] = ((base2new_differences(runs, baseline) if baseline in runs else [])
+                              + (dg_differences(dg_runs, baseline)
+                                 if any(m == baseline for m, _, _ in dg_runs) else []))
     return out
 
 
@@ -567,13 +568,19 @@ def main(argv=None):
         transfer = collect_transfer(Path(args.output))
         if not runs and not dg_runs and not transfer:
             raise FileNotFoundError(f"no results.json of train.py runs under {args.output}")
+        in_b2n = args.baseline in runs
+        in_dg = any(method == args.baseline for method, _, _ in dg_runs)
+        if args.baseline and not (in_b2n or in_dg):
+            methods = sorted({*runs, *(method for method, _, _ in dg_runs)})
+            raise ValueError(f"--baseline {args.baseline}: no runs of that method under {args.output} (methods: "
+                             f"{', '.join(methods)})")
         if args.json:
             print(json.dumps(table_json(runs, dg_runs, args.baseline)))
             return
         tables = [markdown_table(runs)] if runs else []
-        tables += [difference_table(runs, args.baseline)] if runs and args.baseline else []
+        tables += [difference_table(runs, args.baseline)] if in_b2n else []
         tables += [dg_table(dg_runs)] if dg_runs else []
-        tables += [dg_difference_table(dg_runs, args.baseline)] if dg_runs and args.baseline else []
+        tables += [dg_difference_table(dg_runs, args.baseline)] if in_dg else []
         print("\n\n".join(tables + [transfer_table(p, source, per_method)
                                      for (p, source), per_method in transfer.items()]))
         return

@@ -1486,6 +1486,8 @@ def test_one_paired_seed_gives_no_interval_and_unknown_baseline_is_one_line(tmp_
     assert (d["n"], d["mean"], d["half_width"], d["low"], d["high"]) == (1, 5.0, None, None, None)
     with pytest.raises(ValueError, match="--baseline ivlp: no runs of that method here"):
         evaluation.difference_table(evaluation.collect(tmp_path), "ivlp")
+    with pytest.raises(ValueError, match=r"--baseline ivlp: no runs of that method under .* \(methods: a, b\)"):
+        evaluation.main(["table", "--output", str(tmp_path), "--baseline", "ivlp"])
 
 
 def test_parallel_testbed_runs_equal_one_process_and_resume(harness, tmp_path):
