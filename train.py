@@ -667,6 +667,7 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
     one process on the whole batch. fp16: the losses are scaled (`scaler`), every gradient unscaled where it is taken;
     a non-finite step A skips the iteration, a non-finite meta-gradient skips both step B updates."""
     params, device, scaler = prompts.prompt_parameters(learner), images.device.type, scaler or NO_LOSS_SCALING
+    scale = loss_scale(scaler)  # fixed for the iteration: the scaler only updates at its end
     with autocast(args, device):
         frozen_image = teacher.image_features(images) if getattr(learner, "vision_ctx", None) is not None else None
 
@@ -684,7 +685,7 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
     part, weight = share(len(labels), args)
     local = (images[part], labels[part], None if frozen_image is None else frozen_image[part])
     grads, losses = meta.regularized_gradients(lambda p, b: loss_fn(p, b, weight), params, local, gate,
-                                               reduce=reduce, loss_scale=loss_scale(scaler))  # step A
+                                               reduce=reduce, loss_scale=scale)  # step A
     finite = finite_or_back_off(scaler, grads.values())
     if args.meta_second_step and finite:
         apply_gradients(optimizer, params, grads)
@@ -702,7 +703,7 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
                        q_weight)
         loss_meta = meta.meta_loss(lambda p, b: loss_fn(p, b, s_weight), outer_fn, params, support_batch,
                                    query_batch, gate, inner_lr=args.meta_inner_lr, outer_scale=args.meta_outer_scale,
-                                   first_order=args.first_order, reduce=reduce_inner, loss_scale=loss_scale(scaler))
+                                   first_order=args.first_order, reduce=reduce_inner, loss_scale=scale)
         scaler.scale(loss_meta).backward()
         reduce_gradients(args, [params, gate])
         scaler.unscale_(optimizer)  # fp16: the meta-gradients unscaled, checked for inf (GradScaler)
@@ -1050,6 +1051,7 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
     clipping; a non-finite step is skipped and the scale backs off.
     Returns (losses, new agreement)."""
     params, scaler = prompts.prompt_parameters(learner), scaler or NO_LOSS_SCALING
+    loss_factor = loss_scale(scaler)  # fixed for the step: the scaler only updates at its end
     optimizer.zero_grad(set_to_none=True)
     regulator_optimizer.zero_grad(set_to_none=True)
     n, sims, logged = n_tasks or len(tasks), [], {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0}
@@ -1059,7 +1061,7 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
         with meta.second_order_attention(args.gram_second_order):  # double backward through attention: math kernel
             adapted, regulated, gates, support_loss, contexts = meta.regulated_inner_update(
                 in_precision(args, device, lambda p, b: pair_loss(learner, p, b)), params, regulators, support,
-                alpha=args.gram_alpha, second_order=args.gram_second_order, loss_scale=loss_scale(scaler))
+                alpha=args.gram_alpha, second_order=args.gram_second_order, loss_scale=loss_factor)
             with autocast(args, device):
                 q = torch.func.functional_call(learner, adapted, (query[0],), {"captions": query[1]})
                 a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
@@ -1067,7 +1069,7 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
                                                     a.text_features, lam, scale)
             before = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
             scaler.scale(outer / n).backward()
-        s_tau = statistics.fmean(meta.gradient_agreement((p.grad - before[k]) * n / loss_scale(scaler),
+        s_tau = statistics.fmean(meta.gradient_agreement((p.grad - before[k]) * n / loss_factor,
                                                          regulated[k].detach()) for k, p in params.items())
         groups = {regulators.key(k): k for k in params}  # one gate per regulator
         if args.gram_gate_regularizer and args.gram_regulator != "meta_sgd":
