@@ -204,11 +204,14 @@ def testbed_runs(seeds, root: str, output: str, dg_shots=DG_SHOTS) -> list:
 
 def run_testbed(seeds, root: str, output: str, dg_shots=DG_SHOTS, jobs: int = 1) -> str:
     """Every testbed run (testbed_runs), then eval.py's two tables and the paired differences to each of
-    TESTBED_BASELINES."""
+    TESTBED_BASELINES (over TESTBED_METHODS: the GRAM runs of `run_gram_testbed` share the tree and have tables of
+    their own)."""
+    root, output = os.path.abspath(root), os.path.abspath(output)  # the runs' working directory is this file's
     testbed.ensure_dataset("world", root)  # written once, before the parallel runs read it
     testbed.ensure_dataset("world_styles", root)
     train_in_parallel(testbed_runs(seeds, root, output, dg_shots), jobs)
-    b2n, dg = evaluation.collect(f"{output}/base2new"), evaluation.collect_dg(f"{output}/multi_source_dg")
+    b2n = {m: r for m, r in evaluation.collect(f"{output}/base2new").items() if m in TESTBED_METHODS}
+    dg = {key: r for key, r in evaluation.collect_dg(f"{output}/multi_source_dg").items() if key[0] in TESTBED_METHODS}
     tables = [evaluation.markdown_table(b2n)]
     tables += [evaluation.difference_table(b2n, baseline) for baseline in TESTBED_BASELINES]
     tables += [evaluation.dg_table(dg)]
@@ -218,15 +221,37 @@ def run_testbed(seeds, root: str, output: str, dg_shots=DG_SHOTS, jobs: int = 1)
 
 GRAM_TESTBED_STEPS = {"coop": 1000, "ivlp": 400}  # outer steps: each meta-training within 10 minutes on 2 cores
 GRAM_TESTBED_CLUSTERS = ("--gram-k-text", "24", "--gram-k-image", "2")  # 10,000 pairs of 24 base combinations
-GRAM_SEEDS = (1, 2, 3)
-GRAM_SHOTS = {"base2new": (1, 4, 16), "multi_source_dg": (1, 5)}
+GRAM_SEEDS = TESTBED_SEEDS
+GRAM_SHOTS = {"base2new": (1, 4, 16), "multi_source_dg": DG_SHOTS}
 
 
-def run_gram_testbed(seeds, root: str, output: str) -> str:
-    """GRAM on the testbed: meta-train on pairs, then CoOp / IVLP with and without the file, both protocols."""
+def gram_runs(seeds, root: str, output: str, files: dict) -> list:
+    """train.py argument lists of CoOp and IVLP with and without their GRAM file, base-to-new at 1, 4 and 16 shots
+    and DG at 1 and 5, seed after seed. Those without GRAM at 16 shots base-to-new and in DG are testbed_runs' own
+    (the same folders): whichever command comes first runs them."""
+    runs = []
+    for seed in seeds:
+        for base, with_gram in ((base, g) for base in GRAM_TESTBED_STEPS for g in (False, True)):
+            name, extra = (f"{base}+gram", ["--gram", files[base]]) if with_gram else (base, [])
+            common = ["--method", base, "--seed", str(seed), "--root", root, *extra]
+            runs += [[*common, "--dataset", "world", "--shots", str(k),
+                      "--output-dir", f"{output}/base2new/world/{name}/shots_{k}/seed_{seed}"]
+                     for k in GRAM_SHOTS["base2new"]]
+            runs += [[*common, "--dataset", "world_styles", "--target-domain", "all", "--shots", str(k),
+                      "--output-dir", f"{output}/multi_source_dg/world_styles/{name}/shots_{k}/seed_{seed}"]
+                     for k in GRAM_SHOTS["multi_source_dg"]]
+    return runs
+
+
+def run_gram_testbed(seeds, root: str, output: str, jobs: int = 1) -> str:
+    """GRAM on the testbed: meta-train on pairs (in this process), then CoOp / IVLP with and without the file, both
+    protocols (train_in_parallel); the two tables and GRAM's paired differences."""
+    root, output = os.path.abspath(root), os.path.abspath(output)  # the runs' working directory is this file's
     pairs = os.path.join(root, "pairs", "pairs.csv")
     if not os.path.exists(pairs):
         testbed.write_pairs(os.path.join(root, "pairs"), 10_000)
+    testbed.ensure_dataset("world", root)
+    testbed.ensure_dataset("world_styles", root)
     files = {}
     for base, steps in GRAM_TESTBED_STEPS.items():
         out = f"{output}/gram/{base}"
@@ -234,34 +259,48 @@ def run_gram_testbed(seeds, root: str, output: str) -> str:
         if not os.path.exists(files[base]):
             train.run(train.parse_args(["--method", "gram", "--pairs", pairs, "--base", base, "--gram-steps",
                                         str(steps), *GRAM_TESTBED_CLUSTERS, "--output-dir", out, "--no-progress"]))
-    for base in GRAM_TESTBED_STEPS:
-        for with_gram in (False, True):
-            name = f"{base}+gram" if with_gram else base
-            extra = ["--gram", files[base]] if with_gram else []
-            runs = [(["--dataset", "world", "--shots", str(k)], f"{output}/base2new/world/{name}/shots_{k}")
-                    for k in GRAM_SHOTS["base2new"]]
-            runs += [(["--dataset", "world_styles", "--target-domain", "all", "--shots", str(k)],
-                      f"{output}/multi_source_dg/world_styles/{name}/shots_{k}") for k in GRAM_SHOTS["multi_source_dg"]]
-            for args, folder in runs:
-                for seed in seeds:
-                    out = f"{folder}/seed_{seed}"
-                    if not os.path.exists(f"{out}/results.json"):
-                        train.run(train.parse_args(["--method", base, "--seed", str(seed), "--root", root, *args,
-                                                    *extra, "--output-dir", out, "--no-progress"]))
-    return (gram_base2new_table(f"{output}/base2new") + "\n\n"
-            + evaluation.dg_table(evaluation.collect_dg(f"{output}/multi_source_dg")))
+    train_in_parallel(gram_runs(seeds, root, output, files), jobs)
+    names = {name for base in GRAM_TESTBED_STEPS for name in (base, f"{base}+gram")}
+    dg = {key: r for key, r in evaluation.collect_dg(f"{output}/multi_source_dg").items() if key[0] in names}
+    return "\n\n".join([gram_base2new_table(f"{output}/base2new", names), evaluation.dg_table(dg),
+                         gram_difference_table(f"{output}/base2new", dg)])
 
 
-def gram_base2new_table(output: str) -> str:
-    """Base-to-new per method and shots: base / new / HM, mean ± std over seeds."""
+def gram_base2new_table(output: str, names) -> str:
+    """Base-to-new per method (of `names`) and shots: base / new / HM, mean ± std over seeds."""
     lines = ["| method | shots | seeds | base | new | HM |", "|---|---|---|---|---|---|"]
     for folder in sorted(Path(output, "world").glob("*/shots_*"), key=lambda f: (f.parent.name, int(f.name[6:]))):
         results = [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*/results.json"))]
-        if not results:
+        if not results or folder.parent.name not in names:
             continue
         (base, base_sd), (new, new_sd) = (evaluation.seed_mean(results, s) for s in ("base", "new"))
         lines.append(f"| {folder.parent.name} | {folder.name.split('_')[1]} | {len(results)} | {base:.2f} ± "
                      f"{base_sd:.2f} | {new:.2f} ± {new_sd:.2f} | {evaluation.data.harmonic_mean(base, new):.2f} |")
+    return "\n".join(lines)
+
+
+def gram_difference_table(b2n_output: str, dg: dict) -> str:
+    """GRAM's paired differences: each method with its GRAM file minus the same method without, same shots and seed
+    (eval.py's paired_difference), base-to-new (base / new / HM) and DG (the average over held-out styles)."""
+    runs = evaluation.collect(b2n_output)
+    lines = [evaluation.DIFFERENCE_LEGEND.format(baseline="the method without GRAM",
+                                                 pct=round(100 * evaluation.CONFIDENCE)) + ":", "",
+             "| difference | protocol | shots | seeds | base | new | HM or DG average |", "|---|---|---|---|---|---|---|"]
+    for base in GRAM_TESTBED_STEPS:
+        for shots in GRAM_SHOTS["base2new"]:
+            with_gram, without = (runs.get(evaluation.row_name(m, f"shots_{shots}"), {}).get("world")
+                                  for m in (f"{base}+gram", base))
+            if not (with_gram and without):
+                continue
+            mine, theirs = (evaluation.base2new_by_seed({"world": r}, ["world"]) for r in (with_gram, without))
+            cells = [evaluation.paired_difference({s: v[k] for s, v in mine.items()},
+                                                  {s: v[k] for s, v in theirs.items()}) for k in ("base", "new", "HM")]
+            lines.append(f"| {base}+gram - {base} | base-to-new | {shots} | {evaluation.seeds_cell(cells[2])} | "
+                         + " | ".join(evaluation.difference_cell(c) for c in cells) + " |")
+        for d in evaluation.dg_differences(dg, base) if any(m == base for m, _, _ in dg) else []:
+            if d["method"] == f"{base}+gram":
+                lines.append(f"| {base}+gram - {base} | DG | {d['shots']} | {evaluation.seeds_cell(d)} | | | "
+                             f"{evaluation.difference_cell(d)} |")
     return "\n".join(lines)
 
 
@@ -281,20 +320,20 @@ def main():
     parser.add_argument("--backbone", default="ViT-B/16", help="ViT-B/16 (random weights: the speed does not depend "
                         "on them) or a CLIP checkpoint file")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help=f"testbed seeds (default {TESTBED_SEEDS[0]}-{TESTBED_SEEDS[-1]}; gram: 1 2 3)")
+                        help=f"testbed and gram seeds (default {TESTBED_SEEDS[0]}-{TESTBED_SEEDS[-1]})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="testbed: train.py runs at a time, each with its share of the cores (default: one a core)")
+                        help="testbed, gram: train.py runs at a time, each with its share of the cores (default: one a core)")
     parser.add_argument("--dg-shots", type=int, nargs="+", default=list(DG_SHOTS), help="testbed DG shots")
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
     parser.add_argument("--output", default="output/testbed", help="testbed: where runs are written")
     args = parser.parse_args()
+    if args.what in ("testbed", "gram") and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give at least 1 run at a time")
     if args.what == "testbed":
-        if args.jobs < 1:
-            parser.error(f"--jobs {args.jobs}: give at least 1 run at a time")
         print(run_testbed(args.seeds or TESTBED_SEEDS, args.root, args.output, args.dg_shots, args.jobs))
         return
     if args.what == "gram":
-        print(run_gram_testbed(args.seeds or GRAM_SEEDS, args.root, args.output))
+        print(run_gram_testbed(args.seeds or GRAM_SEEDS, args.root, args.output, args.jobs))
         return
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats, args.precision, args.plain_case, args.compile,

@@ -74,15 +74,26 @@ def average_row(rows: dict) -> tuple:
     return base, new, data.harmonic_mean(base, new)
 
 
+BASE2NEW_SHOTS = 16  # the base-to-new protocol's shots per class (CoCoOp Sec. 5.1, train.py's default --shots)
+
+
+def row_name(method: str, shots_folder: str) -> str:
+    """A base-to-new row's name: the method, with its shots where they are not the protocol's 16 ("coop (4-shot)"),
+    so that runs with other shots in the same tree get rows of their own and are never averaged with these."""
+    shots = shots_folder.removeprefix("shots_")
+    return method if not shots.isdigit() or int(shots) == BASE2NEW_SHOTS else f"{method} ({shots}-shot)"
+
+
 def collect(output: Path) -> dict:
     """{method: {dataset: [results.json of each seed]}} from <output>/<dataset>/<method>/shots_K/seed_S/ (base-to-new
-    and the other single-test protocols; multi-source DG runs are gathered by `collect_dg`)."""
+    and the other single-test protocols; multi-source DG runs are gathered by `collect_dg`); other shots than 16 are
+    rows of their own (row_name)."""
     runs = {}
     for path in sorted(Path(output).glob("*/*/*/seed_*/results.json")):
         result = json.loads(path.read_text())
         if result.get("config", {}).get("protocol") in ("multi_source_dg", *PUBLISHED_TRANSFER):
             continue
-        dataset, method = path.parts[-5], path.parts[-4]
+        dataset, method = path.parts[-5], row_name(path.parts[-4], path.parts[-3])
         runs.setdefault(method, {}).setdefault(dataset, []).append(result)
     return runs
 

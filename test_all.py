@@ -1429,8 +1429,8 @@ def test_aggregation_reproduces_published_prometar_average(tmp_path):
     assert "| prometar | **average (12)** |" in table and table.count("| - |") >= 2
 
 
-def write_b2n_results(root, method, seed, base, new, dataset="world"):
-    run = root / dataset / method / "shots_16" / f"seed_{seed}"
+def write_b2n_results(root, method, seed, base, new, dataset="world", shots=16):
+    run = root / dataset / method / f"shots_{shots}" / f"seed_{seed}"
     run.mkdir(parents=True)
     splits = {"base": {"accuracy": base}, "new": {"accuracy": new}}
     (run / "results.json").write_text(json.dumps({"splits": splits, "seed": seed}))
@@ -1488,6 +1488,41 @@ def test_one_paired_seed_gives_no_interval_and_unknown_baseline_is_one_line(tmp_
         evaluation.difference_table(evaluation.collect(tmp_path), "ivlp")
     with pytest.raises(ValueError, match=r"--baseline ivlp: no runs of that method under .* \(methods: a, b\)"):
         evaluation.main(["table", "--output", str(tmp_path), "--baseline", "ivlp"])
+
+
+def test_other_shots_are_rows_of_their_own_and_gram_differences_by_hand(tmp_path):
+    """Runs of one method at 4 and 16 shots in one tree are two rows, never averaged together (16 shots, the
+    base-to-new protocol's, keeps the method's name). benchmark.gram_difference_table: coop+gram minus coop at the
+    same shots and seed, by hand (base differences -2, -4 -> -3.00 [-15.71, +9.71], t(0.975, 1) = 12.706); DG: the
+    average over held-out styles."""
+    import benchmark
+    import eval as evaluation
+    write_b2n_results(tmp_path / "b2n", "coop", 1, 60.0, 40.0)
+    for seed, (base, new) in ((1, (70.0, 30.0)), (2, (72.0, 34.0))):
+        write_b2n_results(tmp_path / "b2n", "coop", seed, base, new, shots=4)
+        write_b2n_results(tmp_path / "b2n", "coop+gram", seed, base - 2 * seed, new + 1, shots=4)
+    runs = evaluation.collect(tmp_path / "b2n")
+    assert sorted(runs) == ["coop", "coop (4-shot)", "coop+gram (4-shot)"]
+    assert [r["splits"]["base"]["accuracy"] for r in runs["coop (4-shot)"]["world"]] == [70.0, 72.0]
+    assert "| coop | world | 1 | 60.00 ± 0.00 |" in evaluation.markdown_table(runs)
+    for method, averages in (("coop", (30.0, 34.0)), ("coop+gram", (31.0, 38.0))):
+        for seed, average in enumerate(averages, 1):
+            for target, accuracy in (("x", average - 5), ("y", average + 5)):
+                run = tmp_path / "dg" / "styles" / method / "shots_1" / f"seed_{seed}" / target
+                run.mkdir(parents=True)
+                config = {"protocol": "multi_source_dg", "shots": 1, "seed": seed, "target_domain": target}
+                run.joinpath("results.json").write_text(json.dumps({"config": config,
+                                                                    "splits": {"test": {"accuracy": accuracy}}}))
+    table = benchmark.gram_difference_table(tmp_path / "b2n", evaluation.collect_dg(tmp_path / "dg"))
+    hm = lambda x, y: 2 * x * y / (x + y)
+    hm_diffs = [hm(68.0, 31.0) - hm(70.0, 30.0), hm(68.0, 35.0) - hm(72.0, 34.0)]
+    hm_half = 12.7062 * statistics.stdev(hm_diffs) / math.sqrt(2)
+    hm_cell = f"{statistics.fmean(hm_diffs):+.2f} [{statistics.fmean(hm_diffs) - hm_half:+.2f}, " \
+              f"{statistics.fmean(hm_diffs) + hm_half:+.2f}]"
+    assert f"| coop+gram - coop | base-to-new | 4 | 2 | -3.00 [-15.71, +9.71] | **+1.00** [+1.00, +1.00] | " \
+           f"{hm_cell} |" in table  # new: +1 on both seeds, zero spread
+    assert "| coop+gram - coop | DG | 1 | 2 | | | +2.50 [-16.56, +21.56] |" in table  # 1 and 4
+    assert "| 16 |" not in table and "ivlp" not in table  # no pair: no row
 
 
 def test_parallel_testbed_runs_equal_one_process_and_resume(harness, tmp_path):
