@@ -26,8 +26,10 @@ whose results.json exists is not run again, so an interrupted call resumes.
 
 `python benchmark.py gram` writes 10,000 image-caption pairs of the testbed's pretraining distribution, meta-trains
 GRAM on them for CoOp and for IVLP (GRAM_TESTBED_STEPS each), then trains CoOp and IVLP with and without the GRAM file
-at 1, 4 and 16 shots (base-to-new on `world`) and at 1 and 5 shots (DG on `world_styles`), for seeds 1, 2, 3, and
-prints the two tables (methods named coop+gram, ivlp+gram). Resumable like `testbed`.
+at 1, 4 and 16 shots (base-to-new on `world`) and at 1 and 5 shots (DG on `world_styles`), for seeds 1 to 10
+(`--jobs` as for `testbed`), and prints the two tables (methods named coop+gram, ivlp+gram) and GRAM's paired
+differences (each method with its GRAM file minus without, same shots and seed). Resumable like `testbed`, whose runs
+without GRAM it shares.
 """
 
 import argparse
