@@ -40,6 +40,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,29 +167,40 @@ DG_SHOTS = (1, 5)  # MetaPrompt's DG table: 1 and 5 shots per class and source d
 TESTBED_THREADS = 1  # torch threads of every testbed run, whatever --jobs: the results do not depend on it
 
 
+POLL_SECONDS = 0.5  # how often train_in_parallel looks for a finished run
+
+
 def train_in_parallel(runs, jobs: int) -> None:
     """Run train.py argument lists (each with its --output-dir), `jobs` at a time, each in a process of its own with
-    TESTBED_THREADS torch threads; a run whose results.json exists is skipped, so an interrupted call resumes. The
-    testbed's small models gain nothing from a second thread (CoOp: the same seconds with one or two), so two jobs on
-    two cores take about half the time. The thread count is fixed because it can move a result by float noise
-    (ProMetaR's double backward sums in another order with two threads), so every --jobs gives the same table."""
+    TESTBED_THREADS torch threads, starting the next as soon as any one finishes; a run whose results.json exists is
+    skipped, so an interrupted call resumes. The testbed's small models gain nothing from a second thread (CoOp: the
+    same seconds with one or two), so two jobs on two cores take about half the time. The thread count is fixed
+    because it can move a result by float noise (ProMetaR's double backward sums in another order with two threads),
+    so every --jobs gives the same table. A failed run stops the others and raises its last error line."""
     todo = [argv for argv in runs if not os.path.exists(os.path.join(argv[argv.index("--output-dir") + 1],
                                                                      "results.json"))]
     env = {**os.environ, "OMP_NUM_THREADS": str(TESTBED_THREADS)}
-    running = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            argv = todo.pop(0)
-            running.append((argv, subprocess.Popen([sys.executable, "train.py", *argv, "--no-progress"], env=env,
-                                                   cwd=os.path.dirname(os.path.abspath(__file__)),
-                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
-        argv, process = running.pop(0)
-        _, stderr = process.communicate()
-        if process.returncode:
-            for _, other in running:
-                other.kill()
-            why = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {process.returncode}"
-            raise RuntimeError(f"train.py {' '.join(argv)} failed: {why}")
+    running = []  # (argv, process, the file of its stderr: a pipe nobody reads could fill and stall the run)
+    with tempfile.TemporaryDirectory() as logs:
+        while todo or running:
+            while todo and len(running) < jobs:
+                argv, log = todo.pop(0), os.path.join(logs, f"{len(todo)}.err")
+                with open(log, "w") as stderr:  # the process writes to its own copy of the file
+                    running.append((argv, subprocess.Popen([sys.executable, "train.py", *argv, "--no-progress"],
+                                                           env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
+                                                           stdout=subprocess.DEVNULL, stderr=stderr), log))
+            finished = [run for run in running if run[1].poll() is not None]
+            if not finished:
+                time.sleep(POLL_SECONDS)
+            for argv, process, log in finished:
+                running.remove((argv, process, log))
+                if process.returncode:
+                    for _, other, _ in running:
+                        other.kill()
+                        other.wait()
+                    lines = Path(log).read_text().strip().splitlines()
+                    why = lines[-1] if lines else f"exit status {process.returncode}"
+                    raise RuntimeError(f"train.py {' '.join(argv)} failed: {why}")
 
 
 def testbed_runs(seeds, root: str, output: str, dg_shots=DG_SHOTS) -> list:

@@ -1546,6 +1546,29 @@ def test_parallel_testbed_runs_equal_one_process_and_resume(harness, tmp_path):
         benchmark.train_in_parallel([bad], jobs=1)
 
 
+def test_parallel_runs_start_the_next_as_soon_as_any_one_finishes(monkeypatch, tmp_path):
+    """Two jobs, a long run first: the third run starts when the short second one ends, not when the long one does
+    (processes faked; each sleep of the runner is one tick of a fake clock)."""
+    import benchmark
+    clock, starts = [0], {}
+    ticks = {"long": 5, "short": 1, "third": 1}
+
+    class FakeRun:
+        def __init__(self, command, **kwargs):
+            self.name = Path(command[command.index("--output-dir") + 1]).name
+            self.end, self.returncode = clock[0] + ticks[self.name], None
+            starts[self.name] = clock[0]
+
+        def poll(self):
+            self.returncode = 0 if clock[0] >= self.end else None
+            return self.returncode
+
+    monkeypatch.setattr(benchmark.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(benchmark.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + 1))
+    benchmark.train_in_parallel([["--output-dir", str(tmp_path / name)] for name in ticks], jobs=2)
+    assert starts == {"long": 0, "short": 0, "third": 1}
+
+
 def test_paired_differences_over_datasets_and_dg_targets(tmp_path):
     """Several datasets: per seed the mean base and mean new over the datasets and their HM, then differenced (the
     papers' average row, per seed). DG: per seed the average over targets; a seed whose targets differ is unpaired."""
