@@ -34,6 +34,7 @@ without GRAM it shares.
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -245,7 +246,7 @@ def gram_runs(seeds, root: str, output: str, files: dict) -> list:
     (the same folders): whichever command comes first runs them."""
     runs = []
     for seed in seeds:
-        for base, with_gram in ((base, g) for base in GRAM_TESTBED_STEPS for g in (False, True)):
+        for base, with_gram in itertools.product(GRAM_TESTBED_STEPS, (False, True)):
             name, extra = (f"{base}+gram", ["--gram", files[base]]) if with_gram else (base, [])
             common = ["--method", base, "--seed", str(seed), "--root", root, *extra]
             runs += [[*common, "--dataset", "world", "--shots", str(k),
