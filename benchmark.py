@@ -217,13 +217,20 @@ def testbed_runs(seeds, root: str, output: str, dg_shots=DG_SHOTS) -> list:
     return runs
 
 
+def prepare_testbed(root: str, output: str) -> tuple:
+    """Both testbed datasets written once, before parallel runs read them; root and output made absolute (the runs'
+    working directory is this file's)."""
+    root, output = os.path.abspath(root), os.path.abspath(output)
+    testbed.ensure_dataset("world", root)
+    testbed.ensure_dataset("world_styles", root)
+    return root, output
+
+
 def run_testbed(seeds, root: str, output: str, dg_shots=DG_SHOTS, jobs: int = 1) -> str:
     """Every testbed run (testbed_runs), then eval.py's two tables and the paired differences to each of
     TESTBED_BASELINES (over TESTBED_METHODS: the GRAM runs of `run_gram_testbed` share the tree and have tables of
     their own)."""
-    root, output = os.path.abspath(root), os.path.abspath(output)  # the runs' working directory is this file's
-    testbed.ensure_dataset("world", root)  # written once, before the parallel runs read it
-    testbed.ensure_dataset("world_styles", root)
+    root, output = prepare_testbed(root, output)
     train_in_parallel(testbed_runs(seeds, root, output, dg_shots), jobs)
     b2n = {m: r for m, r in evaluation.collect(f"{output}/base2new").items() if m in TESTBED_METHODS}
     dg = {key: r for key, r in evaluation.collect_dg(f"{output}/multi_source_dg").items() if key[0] in TESTBED_METHODS}
@@ -261,12 +268,10 @@ def gram_runs(seeds, root: str, output: str, files: dict) -> list:
 def run_gram_testbed(seeds, root: str, output: str, jobs: int = 1) -> str:
     """GRAM on the testbed: meta-train on pairs (in this process), then CoOp / IVLP with and without the file, both
     protocols (train_in_parallel); the two tables and GRAM's paired differences."""
-    root, output = os.path.abspath(root), os.path.abspath(output)  # the runs' working directory is this file's
+    root, output = prepare_testbed(root, output)
     pairs = os.path.join(root, "pairs", "pairs.csv")
     if not os.path.exists(pairs):
         testbed.write_pairs(os.path.join(root, "pairs"), 10_000)
-    testbed.ensure_dataset("world", root)
-    testbed.ensure_dataset("world_styles", root)
     files = {}
     for base, steps in GRAM_TESTBED_STEPS.items():
         out = f"{output}/gram/{base}"
