@@ -290,8 +290,10 @@ def gram_base2new_table(output: str, names) -> str:
     """Base-to-new per method (of `names`) and shots: base / new / HM, mean ± std over seeds."""
     lines = ["| method | shots | seeds | base | new | HM |", "|---|---|---|---|---|---|"]
     for folder in sorted(Path(output, "world").glob("*/shots_*"), key=lambda f: (f.parent.name, int(f.name[6:]))):
+        if folder.parent.name not in names:  # the testbed's other methods share the tree: not read
+            continue
         results = [json.loads(p.read_text()) for p in sorted(folder.glob("seed_*/results.json"))]
-        if not results or folder.parent.name not in names:
+        if not results:
             continue
         (base, base_sd), (new, new_sd) = (evaluation.seed_mean(results, s) for s in ("base", "new"))
         lines.append(f"| {folder.parent.name} | {folder.name.split('_')[1]} | {len(results)} | {base:.2f} ± "
