@@ -319,10 +319,11 @@ def gram_difference_table(b2n_output: str, dg: dict) -> str:
                                                   {s: v[k] for s, v in theirs.items()}) for k in ("base", "new", "HM")]
             lines.append(f"| {base}+gram - {base} | base-to-new | {shots} | {evaluation.seeds_cell(cells[2])} | "
                          + " | ".join(evaluation.difference_cell(c) for c in cells) + " |")
-        for d in evaluation.dg_differences(dg, base) if any(m == base for m, _, _ in dg) else []:
-            if d["method"] == f"{base}+gram":
-                lines.append(f"| {base}+gram - {base} | DG | {d['shots']} | {evaluation.seeds_cell(d)} | | | "
-                             f"{evaluation.difference_cell(d)} |")
+        if not any(method == base for method, _, _ in dg):  # no DG runs without GRAM: nothing to pair with
+            continue
+        lines += [f"| {base}+gram - {base} | DG | {d['shots']} | {evaluation.seeds_cell(d)} | | | "
+                  f"{evaluation.difference_cell(d)} |"
+                  for d in evaluation.dg_differences(dg, base) if d["method"] == f"{base}+gram"]
     return "\n".join(lines)
 
 

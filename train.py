@@ -667,7 +667,7 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
     one process on the whole batch. fp16: the losses are scaled (`scaler`), every gradient unscaled where it is taken;
     a non-finite step A skips the iteration, a non-finite meta-gradient skips both step B updates."""
     params, device, scaler = prompts.prompt_parameters(learner), images.device.type, scaler or NO_LOSS_SCALING
-    scale = loss_scale(scaler)  # fixed for the iteration: the scaler only updates at its end
+    loss_factor = loss_scale(scaler)  # fixed for the iteration: the scaler only updates at its end
     with autocast(args, device):
         frozen_image = teacher.image_features(images) if getattr(learner, "vision_ctx", None) is not None else None
 
@@ -685,7 +685,7 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
     part, weight = share(len(labels), args)
     local = (images[part], labels[part], None if frozen_image is None else frozen_image[part])
     grads, losses = meta.regularized_gradients(lambda p, b: loss_fn(p, b, weight), params, local, gate,
-                                               reduce=reduce, loss_scale=scale)  # step A
+                                               reduce=reduce, loss_scale=loss_factor)  # step A
     finite = finite_or_back_off(scaler, grads.values())
     if args.meta_second_step and finite:
         apply_gradients(optimizer, params, grads)
@@ -703,7 +703,7 @@ def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, image
                        q_weight)
         loss_meta = meta.meta_loss(lambda p, b: loss_fn(p, b, s_weight), outer_fn, params, support_batch,
                                    query_batch, gate, inner_lr=args.meta_inner_lr, outer_scale=args.meta_outer_scale,
-                                   first_order=args.first_order, reduce=reduce_inner, loss_scale=scale)
+                                   first_order=args.first_order, reduce=reduce_inner, loss_scale=loss_factor)
         scaler.scale(loss_meta).backward()
         reduce_gradients(args, [params, gate])
         scaler.unscale_(optimizer)  # fp16: the meta-gradients unscaled, checked for inf (GradScaler)
