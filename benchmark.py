@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 import clip_model
+import data
 import eval as evaluation
 import meta
 import prompts
@@ -174,7 +175,7 @@ POLL_SECONDS = 0.5  # how often train_in_parallel looks for a finished run
 def train_in_parallel(runs, jobs: int) -> None:
     """Run train.py argument lists (each with its --output-dir), `jobs` at a time, each in a process of its own with
     TESTBED_THREADS torch threads, starting the next as soon as any one finishes; a run whose results.json exists is
-    skipped, so an interrupted call resumes. The testbed's small models gain nothing from a second thread (CoOp: the
+    skipped, an interrupted one resumes from its checkpoint (--resume). The testbed's small models gain nothing from a second thread (CoOp: the
     same seconds with one or two), so two jobs on two cores take about half the time. The thread count is fixed
     because it can move a result by float noise (ProMetaR's double backward sums in another order with two threads),
     so every --jobs gives the same table. A failed run stops the others and raises its last error line."""
@@ -187,7 +188,7 @@ def train_in_parallel(runs, jobs: int) -> None:
             while todo and len(running) < jobs:
                 argv, log = todo.pop(0), os.path.join(logs, f"{len(todo)}.err")
                 with open(log, "w") as stderr:  # the process writes to its own copy of the file
-                    running.append((argv, subprocess.Popen([sys.executable, "train.py", *argv, "--no-progress"],
+                    running.append((argv, subprocess.Popen([sys.executable, "train.py", *argv, "--no-progress", "--resume"],
                                                            env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
                                                            stdout=subprocess.DEVNULL, stderr=stderr), log))
             finished = [run for run in running if run[1].poll() is not None]
@@ -327,9 +328,22 @@ def gram_difference_table(b2n_output: str, dg: dict) -> str:
     return "\n".join(lines)
 
 
+SUBCOMMANDS = """what:
+  clip      CLIP ViT-B/16 image and text forwards: seconds, peak memory (a few minutes on a CPU)
+  methods   one training iteration of CoOp, CoCoOp, IVLP, MaPLe, PromptSRC and ProMetaR at ViT-B/16, 24 classes
+            (ProMetaR's iteration alone takes seconds to tens of seconds on a CPU; about 10 minutes in all)
+  eval      one test batch of 100 images through CoOp, CoOp from cached features, IVLP: images/s
+  testbed   the README's testbed tables: every method, 10 seeds, base-to-new and multi-source DG, through train.py.
+            Runs for HOURS: about 3.5 hours on 2 CPU cores (--jobs 2); resumable, finished runs are kept
+  gram      GRAM's testbed comparison: meta-training, then CoOp and IVLP with and without it, 10 seeds.
+            Runs for HOURS on a CPU; resumable like testbed
+"""
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=[*CASES, "testbed", "gram"])
+    parser = data.ArgumentParser(description=__doc__.splitlines()[0], epilog=SUBCOMMANDS,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=[*CASES, "testbed", "gram"], help="what to measure (below)")
     parser.add_argument("--case", choices=[c for cases in CASES.values() for c in cases] + ["learner"],
                         help="run one case in this process (used internally)")
     parser.add_argument("--repeats", type=int, default=5)

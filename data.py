@@ -80,6 +80,7 @@ GENERATED_SPLIT_SEED = 1  # our choice: seed of a split made here when CoOp's fi
 TRAIN_BATCH_SIZE = 32  # CoOp configs DATALOADER.TRAIN_X.BATCH_SIZE
 TEST_BATCH_SIZE = 100  # Dassl defaults.py DATALOADER.TEST.BATCH_SIZE
 NUM_WORKERS = 8  # CoOp configs DATALOADER.NUM_WORKERS
+ALL_SHOTS = -1  # every training image (CoOp NUM_SHOTS = -1; train.py's `--shots all`)
 PACS_ERROR_PATHS = ("sketch/dog/n02103406_4068-1.png",)  # MetaPrompt datasets/pacs.py: unreadable image
 VLCS_CLASSES = ("bird", "car", "chair", "dog", "person")  # MetaPrompt datasets/vlcs.py, label order
 # what counts as an image in class folders: torchvision datasets/folder.py IMG_EXTENSIONS (ImageFolder's list)
@@ -767,7 +768,7 @@ def class_folder_of(item, image_dir) -> str:
 
 
 def read_folder(folder):
-    """(train, val, test, class names) of your own image folder (issue: no Dassl dataset class needed).
+    """(train, val, test, class names) of your own image folder.
 
     DIR/train/<class>/... and DIR/test/<class>/... (and DIR/val/<class>/...): those splits, labels by sorted class
     folder; without val/, CoOp's split_trainval draws 20% of train (seed GENERATED_SPLIT_SEED). Otherwise
@@ -1398,6 +1399,76 @@ def summary(name, splits):
             f"train {len(splits.train)} | val {len(splits.val)} | test {len(splits.test)}")
 
 
+def parse_shots(text: str) -> int:
+    """A command line's --shots: a positive number of images per class, or "all" (ALL_SHOTS)."""
+    if text == "all":
+        return ALL_SHOTS
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of images per class (1, 2, 4, 8, 16), "
+                                         "or all for every training image")
+    return int(text)
+
+
+def shots_name(shots: int) -> str:
+    """How run folders and tables name a number of shots: "16", or "all"."""
+    return "all" if shots == ALL_SHOTS else str(shots)
+
+
+def folder_run_name(root) -> str:
+    """How run folders and tables name your own image folder: <folder name>-<first 8 hex digits of the SHA256 of its
+    absolute path>, so that two folders called `images` never share a run folder or a table row."""
+    path = Path(root).expanduser().resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+# train.py's flags that do not change a run's results (where it is written, how it is shown, how many processes
+# share it, whether it was resumed); --gram counts by its file's SHA256 (gram_sha256), not its path
+BOOKKEEPING_FLAGS = ("output_dir", "resume", "overwrite", "no_progress", "num_workers", "download", "rank",
+                     "world_size", "compile", "compile_backend", "gram_checkpoint_every", "gram")
+
+
+def run_identity(config: dict, *also_ignored: str) -> dict:
+    """What makes a run's results: its train.py configuration without the bookkeeping flags and `also_ignored`
+    (--root only counts for your own folder, where it is the dataset), as JSON values."""
+    skip = {*BOOKKEEPING_FLAGS, *also_ignored, *(("root",) if config.get("dataset") != "folder" else ())}
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in skip}))
+
+
+def default_num_workers() -> int:
+    """Loader processes for evaluation: CoOp's 8, never more than the machine's cores (the order of a test set does
+    not depend on them; training keeps CoOp's 8, whose augmentation streams do)."""
+    return min(NUM_WORKERS, os.cpu_count() or 1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a command-line mistake prints the error line first and alone, then a one-line pointer to
+    --help, and exits 2 (argparse's code); argparse itself prints the whole usage text first."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message}\n{self.prog} --help lists every flag\n")
+        sys.exit(2)
+
+
+def check_writable(folder, what: str, why: str):
+    """One line unless a file can be created in `folder` (or, where it does not exist yet, in its nearest existing
+    parent): a real write, since permission bits do not tell (root, read-only mounts, immutable folders)."""
+    folder = Path(folder).expanduser()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"{what} {folder} cannot be written ({e.strerror} in {existing}): {why}") from None
+
+
+def check_images_decode(items):
+    """Decode every image of your own folder once, before any work: a corrupt or unreadable one is named (read_image's
+    one line). The benchmark datasets are not checked this way: decoding all of ImageNet up front would cost hours."""
+    for path in sorted({d.impath for d in items}):
+        read_image(path)
+
+
 def error_line(error) -> str:
     """The one line a command prints for a user error. An error raised in a DataLoader worker arrives with the
     worker's traceback in its message; its last line is the original "module.Error: message"."""
@@ -1413,7 +1484,7 @@ def one_line_warnings():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build a CoOp-protocol dataset split and print a summary.")
+    p = ArgumentParser(description="Build a CoOp-protocol dataset split and print a summary.")
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--root", required=True, help="data root holding the CoOp dataset folders")
     p.add_argument("--shots", type=int, default=16, help="K images per class (CoOp NUM_SHOTS; <1: all)")

@@ -21,10 +21,8 @@ few-shot images, which initialisation) cancels from the difference.
 Not included: plots.
 """
 
-import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import warnings
@@ -77,41 +75,103 @@ def average_row(rows: dict) -> tuple:
 BASE2NEW_SHOTS = 16  # the base-to-new protocol's shots per class (CoCoOp Sec. 5.1, train.py's default --shots)
 
 
+def scan(output) -> list:
+    """Every finished train.py run under `output` (any folder: the output root, a protocol folder, one run folder),
+    one dict each: protocol, dataset, label (the table row's name), shots, seed, target (multi-source DG) and the
+    results. Skipped: --eval-only runs and the per-suite averages of --target-domain all (their targets are read).
+
+    Names come from the run folder, <dataset>/<method>/shots_<K>/seed_<S>[/<target>] (so variants such as coop+gram
+    are rows of their own), or from the configuration where the run sits elsewhere (--output-dir). Runs that differ
+    in anything but the seed (data.run_identity) never share a row: where one label holds several configurations,
+    each gets the differing flags in brackets, "coop [lr 0.05]"."""
+    records = []
+    for path in sorted(Path(output).resolve().rglob("results.json")):
+        result = json.loads(path.read_text())
+        config = result.get("config", {})
+        splits = result.get("splits", {})
+        protocol = config.get("protocol") or ("base2new" if {"base", "new"} <= set(splits) else "fewshot")
+        if config.get("eval_only") or config.get("target_domain") == "all" or "average" in splits:
+            continue
+        depth = 1 if protocol == "multi_source_dg" else 0  # DG: the target's folder below the seed's
+        parts = path.parts[:-1 - depth]
+        laid_out = len(parts) >= 4 and parts[-1].startswith("seed_") and parts[-2].startswith("shots_")
+        if laid_out:
+            dataset, method = parts[-4], parts[-3]
+        else:
+            dataset = data.folder_run_name(config["root"]) if config.get("dataset") == "folder" else \
+                config.get("dataset", "?")
+            method = config.get("method", "?") + ("+gram" if config.get("gram_sha256") else "")
+        shots = config.get("shots", int(parts[-2].removeprefix("shots_")) if laid_out and
+                           parts[-2].removeprefix("shots_").isdigit() else BASE2NEW_SHOTS)
+        label = row_name(method, f"shots_{data.shots_name(shots)}") if protocol != "multi_source_dg" and \
+            protocol != "fewshot" else method
+        records.append({"protocol": protocol, "dataset": dataset, "label": label, "shots": shots,
+                        "seed": result.get("seed", config.get("seed")), "target": config.get("target_domain"),
+                        "identity": data.run_identity(config, "seed", "dataset", "root", "target_domain"),
+                        "result": result})
+    return distinguish_configurations(records)
+
+
+def distinguish_configurations(records: list) -> list:
+    """Where runs of one protocol share a label but not a configuration (seed, dataset and target aside), append the
+    flags that differ to each label, so that they are never averaged together."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["protocol"], r["label"]), []).append(r)
+    for members in groups.values():
+        identities = [m["identity"] for m in members]
+        keys = sorted({k for i in identities for k in i})
+        differing = [k for k in keys if len({json.dumps(i.get(k), sort_keys=True) for i in identities}) > 1]
+        for m in members if differing else []:
+            m["label"] += " [" + ", ".join(f"{k} {m['identity'].get(k)}" for k in differing) + "]"
+    return records
+
+
 def row_name(method: str, shots_folder: str) -> str:
-    """A base-to-new row's name: the method, with its shots where they are not the protocol's 16 ("coop (4-shot)"),
-    so that runs with other shots in the same tree get rows of their own and are never averaged with these."""
+    """A base-to-new row's name: the method, with its shots where they are not the protocol's 16 ("coop (4-shot)",
+    "coop (all images)"), so that runs with other shots in the same tree get rows of their own."""
     shots = shots_folder.removeprefix("shots_")
+    if shots == "all":
+        return f"{method} (all images)"
     return method if not shots.isdigit() or int(shots) == BASE2NEW_SHOTS else f"{method} ({shots}-shot)"
 
 
-def collect(output: Path) -> dict:
-    """{method: {dataset: [results.json of each seed]}} from <output>/<dataset>/<method>/shots_K/seed_S/ (base-to-new
-    and the other single-test protocols; multi-source DG runs are gathered by `collect_dg`); other shots than 16 are
-    rows of their own (row_name)."""
+def collect(output) -> dict:
+    """Base-to-new runs: {row label: {dataset: [results.json of each seed]}} (scan)."""
     runs = {}
-    for path in sorted(Path(output).glob("*/*/*/seed_*/results.json")):
-        result = json.loads(path.read_text())
-        if result.get("config", {}).get("protocol") in ("multi_source_dg", *PUBLISHED_TRANSFER):
-            continue
-        dataset, method = path.parts[-5], row_name(path.parts[-4], path.parts[-3])
-        runs.setdefault(method, {}).setdefault(dataset, []).append(result)
+    for r in scan(output):
+        if r["protocol"] == "base2new":
+            runs.setdefault(r["label"], {}).setdefault(r["dataset"], []).append(r["result"])
     return runs
 
 
-def collect_dg(output: Path) -> dict:
-    """{(method, dataset, shots): {seed: {target: accuracy}}} from the per-target results of multi-source DG runs,
-    <output>/<dataset>/<method>/shots_K/seed_S/<target>/results.json (what `--target-domain all` writes); method and
-    dataset are the folder names (so variants such as coop+gram get rows of their own)."""
+def collect_fewshot(output) -> dict:
+    """Few-shot runs (all classes): {(row label, dataset, shots): [results.json of each seed]} (scan)."""
     runs = {}
-    for path in sorted(Path(output).glob("*/*/shots_*/seed_*/*/results.json")):
-        result = json.loads(path.read_text())
-        config = result.get("config", {})
-        if config.get("protocol") != "multi_source_dg":
-            continue
-        key = (path.parts[-5], path.parts[-6], config["shots"])  # method and dataset as the tree names them
-        runs.setdefault(key, {}).setdefault(config["seed"], {})[config["target_domain"]] = \
-            result["splits"]["test"]["accuracy"]
+    for r in scan(output):
+        if r["protocol"] == "fewshot":
+            runs.setdefault((r["label"], r["dataset"], r["shots"]), []).append(r["result"])
     return runs
+
+
+def collect_dg(output) -> dict:
+    """Multi-source DG runs: {(row label, dataset, shots): {seed: {target: accuracy}}}, from the per-target results
+    that `--target-domain all` writes (<dataset>/<method>/shots_K/seed_S/<target>/results.json) (scan)."""
+    runs = {}
+    for r in scan(output):
+        if r["protocol"] == "multi_source_dg":
+            runs.setdefault((r["label"], r["dataset"], r["shots"]), {}).setdefault(r["seed"], {})[r["target"]] = \
+                r["result"]["splits"]["test"]["accuracy"]
+    return runs
+
+
+def fewshot_table(runs: dict) -> str:
+    """Markdown: per (method, dataset, shots) the test accuracy over all classes, mean ± std over seeds."""
+    lines = ["| method | dataset | shots | seeds | accuracy |", "|---|---|---|---|---|"]
+    for (label, dataset, shots), results in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        mean, spread = seed_mean(results, "test")
+        lines.append(f"| {label} | {dataset} | {data.shots_name(shots)} | {len(results)} | {mean:.2f} ± {spread:.2f} |")
+    return "\n".join(lines)
 
 
 # Few-shot multi-source DG, mean accuracy over 3 seeds and every target domain, ViT-B/16: MetaPrompt's README
@@ -180,15 +240,13 @@ PUBLISHED_TRANSFER = {
 TRANSFER_ORDER = DATASET_ORDER + ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
 
 
-def collect_transfer(output: Path) -> dict:
-    """{(protocol, source dataset): {method: [results.json of each seed]}} of the cross-dataset and ImageNet-DG runs
-    under <output>/<dataset>/<method>/shots_K/seed_S/ (method and dataset as the folders name them)."""
+def collect_transfer(output) -> dict:
+    """Cross-dataset and ImageNet-DG runs: {(protocol, source dataset): {row label: [results.json of each seed]}}
+    (scan)."""
     runs = {}
-    for path in sorted(Path(output).glob("*/*/*/seed_*/results.json")):
-        result = json.loads(path.read_text())
-        protocol = result.get("config", {}).get("protocol")
-        if protocol in PUBLISHED_TRANSFER:
-            runs.setdefault((protocol, path.parts[-5]), {}).setdefault(path.parts[-4], []).append(result)
+    for r in scan(output):
+        if r["protocol"] in PUBLISHED_TRANSFER:
+            runs.setdefault((r["protocol"], r["dataset"]), {}).setdefault(r["label"], []).append(r["result"])
     return runs
 
 
@@ -422,6 +480,13 @@ def table_json(runs: dict, dg_runs: dict, baseline=None) -> dict:
     return out
 
 
+def fewshot_json(runs: dict) -> list:
+    """collect_fewshot's rows for machines: mean and std of the accuracy over seeds."""
+    return [{"method": label, "dataset": dataset, "shots": data.shots_name(shots),
+             "seeds": sorted(r["seed"] for r in results), "accuracy": seed_mean(results, "test")[0],
+             "accuracy_std": seed_mean(results, "test")[1]} for (label, dataset, shots), results in runs.items()]
+
+
 def checkpoint_learner(ckpt, clip, classnames, dataset):
     """The learner a train.py checkpoint describes, built for any class list and loaded with its prompts (ProMetaR
     trains IVLP's or CoOp's prompts; the hand-made templates are the run's)."""
@@ -434,10 +499,11 @@ def checkpoint_learner(ckpt, clip, classnames, dataset):
     return learner
 
 
-def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num_workers=data.NUM_WORKERS) -> dict:
+def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num_workers=None) -> dict:
     """Accuracy and macro-F1 of saved prompts on `dataset`'s test set restricted to `subsample` classes."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ckpt = prompts.read_checkpoint(checkpoint)
+    num_workers = data.default_num_workers() if num_workers is None else num_workers
+    ckpt = read_run(checkpoint)  # a run folder or a prompts.pt / checkpoint.pt
     config = ckpt["config"]
     if dataset in testbed.DATASETS:  # the offline testbed is made, not downloaded
         testbed.ensure_dataset(dataset, root)
@@ -523,7 +589,7 @@ def predict_images(checkpoint, paths, classes=None, topk=5, backbone=None, batch
     learner = checkpoint_learner(ckpt, clip, classnames, ckpt["config"]["dataset"]).eval()
     items = [data.Datum(path, 0, "") for path in images]
     if num_workers is None:  # loader processes pay off only over several batches; never more than the cores
-        num_workers = min(data.NUM_WORKERS, os.cpu_count() or 1) if len(items) > batch_size else 0
+        num_workers = data.default_num_workers() if len(items) > batch_size else 0
     loader = data.build_loader(items, train=False, batch_size=batch_size, size=clip.visual.input_resolution,
                                num_workers=num_workers)
     k, results = min(topk, len(classnames)), []
@@ -546,15 +612,16 @@ def prediction_table(results) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = data.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset and class subset")
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True, help="a train.py run folder (or its prompts.pt)")
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--root", default="data")
     ev.add_argument("--subsample", default="new", choices=["base", "new", "all"])
     ev.add_argument("--backbone", default=None, help="default: the one the checkpoint was trained with")
-    ev.add_argument("--num-workers", type=int, default=data.NUM_WORKERS)
+    ev.add_argument("--num-workers", type=int, default=data.default_num_workers(),
+                    help=f"loader processes (default: {data.NUM_WORKERS}, at most one per core)")
     pr = sub.add_parser("predict", help="classify images with a run's trained prompts")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     pr.add_argument("--checkpoint", required=True, help="a train.py run folder (or its prompts.pt)")
@@ -569,16 +636,20 @@ def main(argv=None):
                     f"{data.NUM_WORKERS}, one per core, none for a single batch)")
     pr.add_argument("--no-progress", action="store_true")
     table = sub.add_parser("table", help="aggregate an output tree into a markdown table")
-    table.add_argument("--output", default="output/base2new")
+    table.add_argument("--output", default="output", help="any folder: every results.json below it, one table per "
+                       "protocol (default: output)")
     table.add_argument("--baseline", default=None, metavar="METHOD", help="also the paired difference of every other "
                        "method to this one over the seeds both have, with a 95%% confidence interval")
     table.add_argument("--json", action="store_true", help="the numbers as one JSON object instead of markdown")
     args = parser.parse_args(argv)
     if args.command == "table":
-        runs, dg_runs = collect(Path(args.output)), collect_dg(Path(args.output))
-        transfer = collect_transfer(Path(args.output))
-        if not runs and not dg_runs and not transfer:
-            raise FileNotFoundError(f"no results.json of train.py runs under {args.output}")
+        runs, dg_runs = collect(args.output), collect_dg(args.output)
+        transfer, fewshot = collect_transfer(args.output), collect_fewshot(args.output)
+        if not Path(args.output).exists():
+            raise FileNotFoundError(f"--output {args.output} does not exist; pass the folder train.py wrote into "
+                                    "(output, or one protocol's or one run's folder)")
+        if not runs and not dg_runs and not transfer and not fewshot:
+            raise FileNotFoundError(f"no results.json of a finished train.py run under {args.output}")
         in_b2n = args.baseline in runs
         in_dg = any(method == args.baseline for method, _, _ in dg_runs)
         if args.baseline and not (in_b2n or in_dg):
@@ -586,11 +657,13 @@ def main(argv=None):
             raise ValueError(f"--baseline {args.baseline}: no runs of that method under {args.output} (methods: "
                              f"{', '.join(methods)})")
         if args.json:
-            print(json.dumps(table_json(runs, dg_runs, args.baseline)))
+            print(json.dumps({**table_json(runs, dg_runs, args.baseline),
+                              "fewshot": fewshot_json(fewshot)}))
             return
-        tables = [markdown_table(runs)] if runs else []
+        tables = [f"base2new:\n\n{markdown_table(runs)}"] if runs else []
         tables += [difference_table(runs, args.baseline)] if in_b2n else []
-        tables += [dg_table(dg_runs)] if dg_runs else []
+        tables += [f"fewshot:\n\n{fewshot_table(fewshot)}"] if fewshot else []
+        tables += [f"multi_source_dg:\n\n{dg_table(dg_runs)}"] if dg_runs else []
         tables += [dg_difference_table(dg_runs, args.baseline)] if in_dg else []
         print("\n\n".join(tables + [transfer_table(p, source, per_method)
                                      for (p, source), per_method in transfer.items()]))

@@ -215,8 +215,10 @@ def class_half_splits(labels: torch.Tensor, halves: list) -> list:
 def domain_splits(domains: torch.Tensor, released_range: bool = True) -> list:
     """Leave-one-domain-out inside the batch (Meta_DG): meta-test = one domain, meta-train = the others.
     released_range=True: the released loop (meta.py:465-467) takes N = the number of distinct ids and uses the ids
-    0..N-1, so a batch holding e.g. domains {0, 2} tests on the absent id 1 and misses domain 2 (such splits are
-    skipped, as released); False: each domain present in the batch once. Returns [(support mask, query mask)]."""
+    0..N-1, and a split without a meta-train or a meta-test sample is skipped, as released. So a batch whose domains
+    are {0, 2} gets no domain-split update at all: the split of id 0 has no meta-train sample (its other id, 1, is
+    absent) and the split of id 1 no meta-test sample. False: each domain present in the batch once.
+    Returns [(support mask, query mask)]."""
     present = torch.unique(domains).tolist()
     ids = range(len(present)) if released_range else present
     splits = []

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -2287,6 +2288,19 @@ def test_class_halves_and_domain_splits():
     released = meta.domain_splits(domains, released_range=True)  # ids 0..2: id 1 absent, domain 3 never visited
     assert [(domains[s].unique().tolist(), domains[q].unique().tolist()) for s, q in released] == \
         [([2], [0]), ([0], [2])]
+    assert meta.domain_splits(torch.tensor([0, 2, 2, 0]), released_range=True) == []  # {0, 2}: no update at all
+    assert len(meta.domain_splits(torch.tensor([0, 2, 2, 0]), released_range=False)) == 2
+
+
+def test_a_single_class_half_is_never_a_split():
+    """Meta_B2N skips a half with fewer than 2 classes (meta.py:358-361), even where both sides have samples: here
+    half 0 = {class 0} has samples and so has its meta-train side, and only the class-count rule skips it."""
+    import meta
+    labels = torch.tensor([0, 1, 2, 3, 0, 2])
+    splits = meta.class_half_splits(labels, [[0], [1, 2, 3]])
+    assert [q_classes for _, (_, _, q_classes) in splits] == [[1, 2, 3]]  # half 1 only
+    (s_mask, _, s_classes), _ = splits[0]
+    assert s_classes == [0] and s_mask.tolist() == [True, False, False, False, True, False]
 
 
 def test_metaprompt_text_branch_is_restricted_to_the_half(metaprompt_setup):
@@ -2978,9 +2992,13 @@ def test_default_run_finishes_and_writes_results(tmp_path):
                             check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert tree_digest(tmp_path / "data" / "world") == WORLD_DIGEST
-    last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("base ") and ", HM " in last and str(tmp_path / "out" / "results.json") in last
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("base ") and ", HM " in lines[-1] and str(tmp_path / "out" / "results.json") in lines[-1]
+    assert lines[0].startswith("prometar on world, base2new, 16 shots, 8 epochs, seed 1") and len(lines[0]) < 300
+    assert [line.split(":")[0] for line in lines[1:-1]] == [f"epoch {e}/8" for e in range(1, 9)]  # --no-progress
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
     results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert config == results["config"]
     assert results["config"]["method"] == "prometar" and results["config"]["dataset"] == "world"
     assert set(results["splits"]) == {"base", "new"}
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
@@ -3097,7 +3115,8 @@ def test_every_method_trains_on_an_image_folder(harness, gram_pairs, tmp_path, m
     if method == "coop+gram":
         train.run(gram_args(harness, gram_pairs, tmp_path / "gram"))
         extra = ["--method", "coop", "--n-ctx", "4", "--gram", str(tmp_path / "gram" / "gram.pt")]
-    args = run_train(harness, tmp_path / "run", "--dataset", "folder", "--root", str(mine), "--epochs", "1", *extra)
+    args = run_train(harness, tmp_path / "run", "--dataset", "folder", "--root", str(mine), "--epochs", "1",
+                     "--protocol", "base2new", *extra)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["splits"]) == {"base", "new"} and results["config"]["dataset"] == "folder"
     assert len(read_log(tmp_path / "run")) == (0 if method == "zeroshot" else math.ceil(3 * 4 / args.batch_size))
@@ -3110,7 +3129,7 @@ def test_prediction_agrees_with_evaluation_and_takes_any_class_list(harness, tmp
     mine = tmp_path / "mine"
     shutil.copytree(harness / "data" / "synthetic" / "images", mine)
     run_train(harness, tmp_path / "run", "--dataset", "folder", "--root", str(mine), "--method", "coop",
-              "--n-ctx", "4", "--epochs", "3")
+              "--n-ctx", "4", "--epochs", "3", "--protocol", "base2new")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     metrics = evaluation.evaluate_checkpoint(tmp_path / "run" / "prompts.pt", "folder", mine, "base", num_workers=0)
     assert metrics == results["splits"]["base"]
@@ -3212,7 +3231,7 @@ def test_template_flag_sets_the_hand_made_prompts(harness, tmp_path, monkeypatch
     shutil.copytree(harness / "data" / "synthetic" / "images", mine)
     template = "a drawing of a {}, in colour."
     args = run_train(harness, tmp_path / "run", "--dataset", "folder", "--root", str(mine), "--method", "zeroshot",
-                     "--template", template)
+                     "--template", template, "--protocol", "base2new")
     results = json.loads((tmp_path / "run" / "results.json").read_text())["splits"]
     clip = clip_model.load(harness / "tiny.pt", device="cpu")
     for subsample in ("base", "new"):
@@ -3276,7 +3295,7 @@ def test_transfer_protocol_runs_and_table(harness, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| coop | 2 | 71.00 | 92.00 | 42.00 | 67.00 |" in table  # by hand: (92 + 42) / 2 over the targets
     assert "| coop (published) | 3 | 71.51 | 93.70 | 41.92 | 67.81 |" in table  # the same two targets, published
-    assert "cross_dataset, trained on synthetic:" in table and "| cocoop | 1 |" in table
+    assert "cross_dataset, trained on synthetic:" in table and "| cocoop (4-shot) | 1 |" in table
     defaults = {m: train.parse_args(["--dataset", "imagenet", "--method", m, "--protocol", "cross_dataset"])
                 for m in ("coop", "maple", "cocoop")}
     assert (defaults["coop"].epochs, defaults["coop"].ctx_init) == (50, "a photo of a")
@@ -3580,3 +3599,306 @@ def test_torchrun_gram_meta_training_equals_one_process(harness, gram_pairs, tmp
     for a, b in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two"), strict=True):
         assert {k: pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in a.items() if k != "seconds"} == \
             {k: v for k, v in b.items() if k != "seconds"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A newcomer's first hour (issue #28): every failure of the walkthrough, through the command lines
+
+ALIVE_AT_EXIT = "PROCESS GROUP ALIVE AT EXIT"
+SITECUSTOMIZE = f'''import atexit, sys
+def _report():  # registered first, so it runs last: after train.py's own exit paths
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stderr.write("{ALIVE_AT_EXIT}\\n")
+atexit.register(_report)
+'''
+
+
+def torchrun(tmp_path, *argv):
+    """train.py under torchrun, 2 processes on gloo; every process reports at its very end whether it still holds a
+    process group (a sitecustomize module on PYTHONPATH), the state in which gloo's threads can abort the exit."""
+    (tmp_path / "site").mkdir(exist_ok=True)
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(tmp_path / "site")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), *map(str, argv)], check=False, capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+
+
+def test_torchrun_leaves_its_process_group_on_every_exit_path(harness, tmp_path, monkeypatch):
+    """A finished run and a run stopped by an input error both leave the process group before the interpreter
+    exits (without it, gloo's threads abort the exit at random: "terminate called without an active exception");
+    Ctrl-C too (in this process: the teardown is run()'s finally)."""
+    import train
+    common = ["--dataset", "synthetic", "--root", harness / "data", "--backbone", harness / "tiny.pt", "--shots", "4",
+              "--num-workers", "0", "--no-progress", "--method", "zeroshot"]
+    done = torchrun(tmp_path, *common, "--output-dir", tmp_path / "done")
+    assert done.returncode == 0 and ALIVE_AT_EXIT not in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and (tmp_path / "done" / "results.json").exists()
+    failed = torchrun(tmp_path, *common, "--target-domain", "dark", "--output-dir", tmp_path / "failed")
+    assert failed.returncode != 0 and "has no domains" in failed.stderr
+    assert ALIVE_AT_EXIT not in failed.stderr and "terminate called" not in failed.stderr, failed.stderr[-3000:]
+    left = []
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: left.append(True))
+    monkeypatch.setattr(train, "main", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.chdir(tmp_path)
+    assert train.cli([str(a) for a in common]) == 130 and left == [True]
+
+
+def train_cli(harness, *argv):
+    """train.py's command line in this process (the walkthrough's runs; the command under test is eval.py's)."""
+    import train
+    common = ["--backbone", str(harness / "tiny.pt"), "--num-workers", "0", "--no-progress", "--text-depth", "2",
+              "--vision-depth", "2", "--method", "coop", "--n-ctx", "4", "--epochs", "1"]
+    return train.cli([*common, *map(str, argv)])
+
+
+def test_table_finds_every_protocol_below_any_folder(harness, tmp_path, monkeypatch):
+    """Runs of three protocols in their default folders (base-to-new, few-shot, multi-source DG with --target-domain
+    all): `eval.py table` on the output root prints one table per protocol with the runs' own numbers; on a protocol
+    folder or on one run folder, that part; the DG suite's own average file is not read as a target."""
+    data.make_synthetic_dg_dataset(tmp_path / "dg", per_domain=(2, 1, 2))
+    monkeypatch.chdir(tmp_path)
+    assert train_cli(harness, "--dataset", "synthetic", "--root", harness / "data", "--shots", "2") == 0
+    assert train_cli(harness, "--dataset", "synthetic", "--root", harness / "data", "--shots", "2",
+                     "--protocol", "fewshot") == 0
+    assert train_cli(harness, "--dataset", "synthetic_dg", "--root", tmp_path / "dg", "--shots", "1",
+                     "--target-domain", "all") == 0
+    b2n = json.loads((tmp_path / "output/base2new/synthetic/coop/shots_2/seed_1/results.json").read_text())
+    few = json.loads((tmp_path / "output/fewshot/synthetic/coop/shots_2/seed_1/results.json").read_text())
+    dg = json.loads((tmp_path / "output/multi_source_dg/synthetic_dg/coop/shots_1/seed_1/all/results.json")
+                    .read_text())["splits"]
+    for folder in ("output", "."):
+        result = run_cli("eval.py", "table", "--output", folder, home=tmp_path)
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        assert [line for line in out.splitlines() if line.endswith(":")][:3] == \
+            ["base2new:", "fewshot:", "multi_source_dg:"]
+        assert f"| coop (2-shot) | synthetic | 1 | {b2n['splits']['base']['accuracy']:.2f} ± 0.00 | " in out
+        assert f"| coop | synthetic | 2 | 1 | {few['splits']['test']['accuracy']:.2f} ± 0.00 |" in out
+        assert f"| coop | synthetic_dg | 1 | 1 | dark {dg['dark']['accuracy']:.2f}" in out
+        assert f"| {dg['average']['accuracy']:.2f} ± 0.00 |" in out
+    dg_only = run_cli("eval.py", "table", "--output", "output/multi_source_dg", home=tmp_path).stdout
+    assert "multi_source_dg:" in dg_only and "base2new:" not in dg_only
+    one = run_cli("eval.py", "table", "--output", "output/fewshot/synthetic/coop/shots_2/seed_1", home=tmp_path)
+    assert one.returncode == 0 and one.stdout.startswith("fewshot:") and "| coop | synthetic | 2 | 1 |" in one.stdout
+    none = run_cli("eval.py", "table", "--output", "nowhere", home=tmp_path)
+    assert_one_line_error(none, "--output nowhere does not exist")
+
+
+def test_table_rows_never_mix_configurations(tmp_path):
+    """Runs in one row's folder whose configurations differ in anything but the seed get rows of their own, named by
+    what differs; runs from a GRAM file (coop+gram), with every image (shots_all) and elsewhere (--output-dir) are
+    named from their configuration."""
+    import eval as evaluation
+
+    def write(folder, seed, base, new, **config):
+        folder.mkdir(parents=True)
+        config = {"protocol": "base2new", "method": "coop", "dataset": "dtd", "shots": 16, "seed": seed,
+                  "lr": 0.002, "root": "/data", "output_dir": str(folder), **config}
+        splits = {"base": {"accuracy": base}, "new": {"accuracy": new}}
+        (folder / "results.json").write_text(json.dumps({"splits": splits, "seed": seed, "config": config}))
+
+    write(tmp_path / "dtd/coop/shots_16/seed_1", 1, 70.0, 50.0)
+    write(tmp_path / "dtd/coop/shots_16/seed_2", 2, 80.0, 40.0, lr=0.05, root="/elsewhere")  # another lr
+    write(tmp_path / "dtd/coop/shots_16/seed_3", 3, 72.0, 52.0, root="/elsewhere", num_workers=2)  # same run
+    write(tmp_path / "mine", 1, 60.0, 30.0, gram="g.pt", gram_sha256="ab")  # not in the layout
+    write(tmp_path / "dtd/coop/shots_all/seed_1", 1, 90.0, 20.0, shots=-1)
+    runs = evaluation.collect(tmp_path)
+    assert sorted(runs) == ["coop (all images)", "coop [lr 0.002]", "coop [lr 0.05]", "coop+gram"]
+    assert [r["seed"] for r in runs["coop [lr 0.002]"]["dtd"]] == [1, 3]
+    assert [r["seed"] for r in runs["coop [lr 0.05]"]["dtd"]] == [2]
+    table = evaluation.markdown_table(runs)
+    assert "| coop [lr 0.002] | dtd | 2 | 71.00 ± 1.41 | 51.00 ± 1.41 |" in table
+
+
+def test_evaluate_takes_a_run_folder_and_warns_about_no_workers(harness, tmp_path):
+    """`eval.py evaluate --checkpoint RUN_DIR` (as predict takes it) gives the run's own numbers; its loader
+    processes default to at most one per core, so it warns nothing."""
+    assert train_cli(harness, "--dataset", "synthetic", "--root", harness / "data", "--shots", "2",
+                     "--output-dir", tmp_path / "run") == 0
+    trained = json.loads((tmp_path / "run" / "results.json").read_text())["splits"]["new"]
+    result = run_cli("eval.py", "evaluate", "--checkpoint", tmp_path / "run", "--dataset", "synthetic", "--root",
+                     harness / "data", "--subsample", "new", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"new": trained}
+    assert "warning" not in result.stderr.lower(), result.stderr
+
+
+def test_runs_are_never_overwritten_or_mixed(harness, tmp_path, monkeypatch, capsys):
+    """A finished run is never overwritten without --overwrite; a folder holding another configuration's run is
+    never written into (--resume included); two image folders with one name, a GRAM file's run and --shots all
+    each get folders of their own; --shots takes a positive number or all."""
+    import train
+    base = ["--dataset", "synthetic", "--root", harness / "data", "--shots", "2", "--output-dir", tmp_path / "run"]
+    assert train_cli(harness, *base) == 0
+    results = tmp_path / "run" / "results.json"
+    stamp = results.read_bytes()
+    capsys.readouterr()
+    for extra, fragment in (((), "holds this configuration's finished run; --overwrite"),
+                            (("--lr", "0.05"), "holds a run of another configuration (lr 0.002 there, 0.05 here)"),
+                            (("--lr", "0.05", "--resume"), "lr 0.002 there, 0.05 here")):
+        assert train_cli(harness, *base, *extra) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, err
+        assert results.read_bytes() == stamp
+    assert train_cli(harness, *base, "--lr", "0.05", "--overwrite") == 0
+    assert json.loads(results.read_text())["config"]["lr"] == 0.05
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 0.05
+    own_folder(tmp_path / "a" / "images", {"ant": 2, "bee": 2})
+    own_folder(tmp_path / "b" / "images", {"ant": 2, "bee": 2})
+    monkeypatch.chdir(tmp_path)
+    dirs = {train.parse_args(["--dataset", "folder", "--root", f"{x}/images"]).output_dir for x in "ab"}
+    assert len(dirs) == 2 and all(Path(d).parts[2].startswith("images-") for d in dirs)
+    assert "/coop+gram/" in train.parse_args(["--method", "coop", "--gram", "g.pt"]).output_dir
+    assert train.parse_args(["--shots", "all"]).output_dir.endswith("/shots_all/seed_1")
+    assert train.parse_args(["--shots", "all"]).shots == data.ALL_SHOTS
+    for bad in ("0", "-1", "abc", "2.5"):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(["--shots", bad])
+        err = capsys.readouterr().err.splitlines()
+        assert exit_info.value.code == 2 and err[0].startswith("error: argument --shots") and "or all" in err[0]
+
+
+def test_own_folder_trains_on_every_class_by_default(harness, tmp_path, monkeypatch, capsys):
+    """`--dataset folder` is few-shot over all its classes (so predict can name every one); base-to-new by flag;
+    a folder with one class (or fewer than 4 for base-to-new) and a corrupt image are one line before any work."""
+    mine = tmp_path / "mine"
+    shutil.copytree(harness / "data" / "synthetic" / "images", mine)
+    monkeypatch.chdir(tmp_path)
+    assert train_cli(harness, "--dataset", "folder", "--root", mine, "--shots", "2") == 0
+    (run,) = (tmp_path / "output" / "fewshot").glob("mine-*/coop/shots_2/seed_1")
+    assert torch.load(run / "prompts.pt", weights_only=True)["classnames"] == data.read_folder(mine)[3]  # all 6
+    assert set(json.loads((run / "results.json").read_text())["splits"]) == {"test"}
+    assert train_cli(harness, "--dataset", "folder", "--root", mine, "--shots", "2", "--protocol", "base2new") == 0
+    (run,) = (tmp_path / "output" / "base2new").glob("mine-*/coop/shots_2/seed_1")
+    assert len(torch.load(run / "prompts.pt", weights_only=True)["classnames"]) == 3  # the base half
+    capsys.readouterr()
+    own_folder(tmp_path / "one", {"ant": 4})
+    own_folder(tmp_path / "three", {"ant": 4, "bee": 4, "cat": 4})
+    for root, protocol, fragment in (("one", "fewshot", "holds 1 class(es) (ant); --protocol fewshot needs at least 2"),
+                                     ("three", "base2new", "--protocol base2new needs at least 4")):
+        assert train_cli(harness, "--dataset", "folder", "--root", tmp_path / root, "--protocol", protocol) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, err
+    own_folder(tmp_path / "corrupt", {"ant": 4, "bee": 4})
+    (tmp_path / "corrupt" / "bee" / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = run_cli("train.py", "--dataset", "folder", "--root", tmp_path / "corrupt", "--backbone", harness / "tiny.pt",
+                     home=tmp_path)
+    assert_one_line_error(result, "cannot read image", str(tmp_path / "corrupt" / "bee" / "002.png"))
+    assert not list((tmp_path / "output").glob("*/corrupt-*"))  # stopped before its run folder was made
+
+
+def immutable(path, on: bool):
+    """A folder nobody can write into, root included (chattr +i; as root, permission bits do not stop a write)."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555 if on else 0o755)
+
+
+def test_unwritable_paths_are_one_line(harness, tmp_path):
+    """--output-dir that is a file, an output folder that cannot be written, an own image folder that cannot be
+    written (split.json and the caches go there): one line each, naming the path, before any work."""
+    common = ["--dataset", "synthetic", "--root", harness / "data", "--backbone", harness / "tiny.pt", "--shots", "2",
+              "--method", "zeroshot"]
+    (tmp_path / "afile").write_text("x")
+    assert_one_line_error(run_cli("train.py", *common, "--output-dir", tmp_path / "afile", home=tmp_path),
+                          f"--output-dir {tmp_path / 'afile'} is a file")
+    locked, images = tmp_path / "locked", own_folder(tmp_path / "images", {"ant": 3, "bee": 3})
+    locked.mkdir()
+    immutable(locked, True)
+    immutable(images, True)
+    try:
+        result = run_cli("train.py", *common, "--output-dir", locked / "run", home=tmp_path)
+        assert_one_line_error(result, f"--output-dir {locked / 'run'} cannot be written", "a folder you can write")
+        result = run_cli("train.py", "--dataset", "folder", "--root", images, "--backbone", harness / "tiny.pt",
+                         home=tmp_path)
+        assert_one_line_error(result, f"--root {images} cannot be written", "split.json", "copy the folder")
+    finally:
+        immutable(locked, False)
+        immutable(images, False)
+
+
+def test_ctrl_c_names_where_it_stopped_and_the_resume_command(harness, tmp_path):
+    """Ctrl-C in training: exit 130, one line with the epochs checkpointed and the exact command that resumes it;
+    that command finishes the run."""
+    import signal
+    argv = ["train.py", "--dataset", "synthetic", "--root", str(harness / "data"), "--backbone",
+            str(harness / "tiny.pt"), "--shots", "4", "--num-workers", "0", "--no-progress", "--method", "ivlp",
+            "--text-depth", "2", "--vision-depth", "2", "--epochs", "30", "--output-dir", str(tmp_path / "run")]
+    process = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, env={**os.environ, "HOME": str(tmp_path)})
+    for line in process.stdout:  # --no-progress: one line per epoch
+        if line.startswith("epoch 2/30"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    checkpointed = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"]
+    assert f"{tmp_path / 'run'}: {checkpointed} of 30 epochs checkpointed" in err and checkpointed < 30
+    command = err.split("resume with: ")[1].strip()
+    assert shlex.split(command) == ["python", *argv, "--resume"]
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], check=False, capture_output=True,
+                             text=True, cwd=ROOT, env={**os.environ, "HOME": str(tmp_path)})
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines()[1].startswith(f"epoch {checkpointed + 1}/30")  # from the checkpoint on
+    assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_command_line_mistakes_put_the_error_first(tmp_path):
+    """argparse's mistakes: the error line first, then one pointer to --help; exit 2 (README). benchmark.py's help
+    names its subcommands and says which run for hours."""
+    for argv, fragment in ((["--method", "promtear"], "argument --method: invalid choice: 'promtear'"),
+                           (["--shots", "abc"], "argument --shots: 'abc'")):
+        result = run_cli("train.py", *argv, home=tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 2, result.stderr
+        assert lines[0].startswith("error: ") and fragment in lines[0] and "--help" in lines[1]
+    table = run_cli("eval.py", "table", "--baseline", home=tmp_path)
+    assert table.returncode == 2 and table.stderr.startswith("error: argument --baseline")
+    bench = run_cli("benchmark.py", "--help", home=tmp_path)
+    assert bench.returncode == 0
+    for what in ("clip", "methods", "eval", "testbed", "gram"):
+        assert f"\n  {what} " in bench.stdout
+    assert "HOURS" in bench.stdout.split("\n  testbed ")[1].split("\n  gram ")[0]
+
+
+PROJECT_MODULES = ("clip_model", "prompts", "meta", "data", "testbed", "train", "eval", "benchmark", "test_all")
+
+
+def paper_to_code_rows(path) -> list:
+    """The rows of the `## Paper to code` table of a docs/<method>.md map: {paper, ours, official, test} each."""
+    text = path.read_text()
+    assert "## Paper to code" in text, f"{path.name} has no '## Paper to code' section"
+    section = text.split("## Paper to code", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert header == ["paper", "ours", "official", "test"], header
+    return [dict(zip(header, (cell.strip() for cell in row.strip("|").split("|")), strict=True)) for row in rows[2:]]
+
+
+def code_references(cell: str) -> list:
+    """Backticked `module.name[.attr]` references to this project's code in a table cell."""
+    import re
+    return [ref for ref in re.findall(r"`([A-Za-z_][\w.]*)`", cell) if ref.split(".")[0] in PROJECT_MODULES]
+
+
+@pytest.mark.parametrize("method", ["prometar", "metaprompt", "gram"])
+def test_paper_to_code_maps_name_code_that_exists(method):
+    """docs/<method>.md maps each paper element to our function and the test that pins it: every function, class and
+    test it names exists (a renamed function fails here until its map follows)."""
+    import importlib
+    rows = paper_to_code_rows(ROOT / "docs" / f"{method}.md")
+    assert len(rows) >= 6
+    for row in rows:
+        ours = code_references(row["ours"])
+        assert ours, f"{method}.md: the row {row['paper']!r} names no function of ours"
+        for ref in ours + code_references(row["test"]):
+            module, *attributes = ref.split(".")
+            target = sys.modules[__name__] if module == "test_all" else importlib.import_module(module)
+            for attribute in attributes:
+                assert hasattr(target, attribute), f"{method}.md: {ref} does not exist"
+                target = getattr(target, attribute)

@@ -1,7 +1,7 @@
 """Train a prompt learner on few shots and evaluate it: the CoOp-family protocols in one flat script.
 
 `python train.py` with no arguments runs ProMetaR on the offline testbed (`--dataset world`, the shipped small CLIP,
-about 100 s on a CPU). `python train.py --dataset dtd --root DATA --method ivlp --shots 16` trains IVLP on DTD's base classes
+about a minute on a 2-core CPU). `python train.py --dataset dtd --root DATA --method ivlp --shots 16` trains IVLP on DTD's base classes
 (base-to-new, CoCoOp arXiv:2203.05557v2 Sec. 4.1) and writes `results.json` (base, new, HM) and the prompts into
 `output/base2new/dtd/ivlp/shots_16/seed_1/`. Methods: zero-shot CLIP, CoOp (arXiv:2109.01134v6), CoCoOp
 (arXiv:2203.05557v2), IVLP (MaPLe arXiv:2210.03117v3 Sec. 4), MaPLe (same paper, Sec. 3), PromptSRC
@@ -14,10 +14,13 @@ MetaPrompt (arXiv:2212.04196v2, TIP 2024): `--method metaprompt`, the released i
 in-domain step, then the domain-split meta update of `meta.py` (class halves in base-to-new, leave-one-domain-out
 in `--protocol multi_source_dg`, which `--target-domain all` runs for every held-out domain); the released code's
 behaviours are flags, `--metaprompt-clean` turns them all off.
-Your own images: `--dataset folder --root DIR` (DIR/<class>/<image>, see data.read_folder), `--template` for the
-hand-made prompts; the class list is saved with the prompts for `eval.py predict`.
-Every input that needs no download (datasets, folders, shots, target domain, backbone, checkpoint) is checked before
-the backbone is loaded (`check_inputs`); each run folder gets `log.jsonl`, one JSON line per iteration.
+Your own images: `--dataset folder --root DIR` (DIR/<class>/<image>, see data.read_folder), few-shot over all its
+classes (`--protocol base2new`: its first half), `--template` for the hand-made prompts; the class list is saved
+with the prompts for `eval.py predict`.
+Every input that needs no download (datasets, folders, shots, target domain, backbone, checkpoint, output folder) is
+checked before the backbone is loaded (`check_inputs`). A run folder is never overwritten, nor shared by two
+configurations, unless asked (`--overwrite`; `--resume` continues); it gets `config.json` and `log.jsonl`, one JSON
+line per iteration.
 GRAM (arXiv:2303.06571v2; no released code, its form from SUPMER's): `--method gram --pairs PAIRS.csv` meta-trains a
 prompt initialisation and gradient regulators on image-caption pairs; `--method coop|ivlp --gram FILE` uses them.
 `torchrun --nproc_per_node N train.py ...`: data parallel, each process on its share of the same global batch, the
@@ -30,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -77,11 +81,11 @@ PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization", "m
 METAPROMPT_RELEASED_FLAGS = ("metaprompt_inner_optimizer", "metaprompt_frozen_drift", "metaprompt_aliased_restore",
                              "metaprompt_raw_frozen_names", "metaprompt_domain_range")
 METHODS = (*prompts.METHODS, "prometar", "gram")
-# The offline testbed (issue #8; `--dataset world`, the default): the shipped small CLIP (3 layers, so prompt depth
+# The offline testbed (`--dataset world`, the default): the shipped small CLIP (3 layers, so prompt depth
 # 3), tiny images (no loader workers), and learning rates for its logit scale (~18, not 100: see testbed.py).
 TESTBED_CHECKPOINT = str(testbed.CHECKPOINT)
-# Every method gets the same budget there: 8 epochs of batch 4 at lr 0.002 (ProMetaR: 86 s on 2 CPU cores), and
-# CoOp 4 context vectors (its 16 do not fit the testbed's 16-token context).
+# Every method gets the same budget there: 8 epochs of batch 4 at lr 0.002 (ProMetaR: about a minute on 2 CPU
+# cores), and CoOp 4 context vectors (its 16 do not fit the testbed's 16-token context).
 GRAM_STEPS = 2000  # reconstruction: SUPMER runs 100k on T5; the testbed's pairs need far fewer
 TESTBED_DATASETS = testbed.DATASETS  # written by testbed.py, trained with the shipped small CLIP
 TESTBED_DEFAULTS = {"backbone": TESTBED_CHECKPOINT, "text_depth": 3, "vision_depth": 3, "num_workers": 0,
@@ -107,7 +111,7 @@ PROTOCOL_EVAL = {"cross_dataset": ["caltech101", "oxford_pets", "stanford_cars",
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = data.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="world", help="training dataset (data.DATASETS); world = offline testbed; "
                    "folder = your own images in --root DIR (DIR/<class>/<image>)")
     p.add_argument("--root", default="data", help="folder holding the datasets in CoOp's layout (--dataset folder: "
@@ -115,8 +119,9 @@ def parse_args(argv=None):
     p.add_argument("--method", default="prometar", choices=METHODS)
     p.add_argument("--protocol", default=None, choices=PROTOCOLS,
                    help="default: multi_source_dg for a DG suite (pacs, vlcs, office_home, domainnet, world_styles, "
-                        "...), base2new otherwise")
-    p.add_argument("--shots", type=int, default=16, help="K images per class (CoOp: 1, 2, 4, 8, 16)")
+                        "...), fewshot (all classes) for --dataset folder, base2new otherwise")
+    p.add_argument("--shots", type=data.parse_shots, default=16, help="K images per class, a positive number (CoOp: "
+                   "1, 2, 4, 8, 16), or all: every training image")
     p.add_argument("--seed", type=int, default=1, help="papers report seeds 1, 2, 3")
     p.add_argument("--eval-datasets", default=None, help="comma list for cross_dataset / DG (default: the papers')")
     p.add_argument("--target-domain", default=None, help="multi-source DG: the held-out domain (name or index), "
@@ -225,24 +230,29 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager, no compiler
     p.add_argument("--num-workers", type=int, default=None, help=f"loader processes ({data.NUM_WORKERS})")
     p.add_argument("--output-dir", default=None, help="default: output/<protocol>/<dataset>/<method>/shots_K/seed_S")
-    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --subsample classes")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in <output-dir> "
+                   "(checkpoint.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in <output-dir> (without it, train.py "
+                   "never overwrites a finished run, nor writes into a run folder of another configuration)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --subsample classes (into "
+                   "<output-dir>/eval_<subsample> by default)")
     p.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
     p.add_argument("--subsample", default="new", choices=["base", "new", "all"], help="classes for --eval-only")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars: one line per epoch (logs)")
     args = p.parse_args(argv)
     if args.template is not None and args.template.count("{}") != 1:
         p.error(f'--template {args.template!r} must hold "{{}}" once, where the class name goes, '
                 'e.g. "a photo of a {}."')
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint (a prompts.pt or checkpoint.pt written by train.py)")
-    for flag in ("shots", "epochs", "batch_size", "n_ctx", "n_ctx_text", "n_ctx_vision", "num_workers"):
+    for flag in ("epochs", "batch_size", "n_ctx", "n_ctx_text", "n_ctx_vision", "num_workers"):
         value = getattr(args, flag)
-        if value is not None and value < (-1 if flag == "shots" else 0):
+        if value is not None and value < 0:
             p.error(f"--{flag.replace('_', '-')} {value} must not be negative")
     spec = data.DATASETS.get(args.dataset)
-    args.protocol = args.protocol or ("multi_source_dg" if spec is not None and spec.domains else "base2new")
+    args.protocol = args.protocol or ("multi_source_dg" if spec is not None and spec.domains else
+                                      "fewshot" if args.dataset == "folder" else "base2new")
     # unset flags: the testbed's values on its datasets, else the method's official config for the protocol, else
     # the general ones
     dg_config = METAPROMPT_DG_DEFAULTS if args.method == "metaprompt" and args.protocol == "multi_source_dg" else {}
@@ -281,11 +291,96 @@ def parse_args(argv=None):
     if args.method == "gram":
         args.output_dir = args.output_dir or os.path.join("output", "gram", Path(args.pairs).stem, args.base,
                                                           f"seed_{args.seed}")
-    dataset_folder = Path(args.root).resolve().name if args.dataset == "folder" else args.dataset
-    args.output_dir = args.output_dir or os.path.join(
-        "output", args.protocol, dataset_folder, args.method, f"shots_{args.shots}", f"seed_{args.seed}",
-        *([str(args.target_domain)] if args.protocol == "multi_source_dg" and args.target_domain else []))
+    if args.dataset == "folder":  # your own folder is the dataset: named by its absolute path (run_identity)
+        args.root = str(Path(args.root).expanduser().resolve())
+    args.output_dir = args.output_dir or default_output_dir(args)
     return args
+
+
+def default_output_dir(args) -> str:
+    """output/<protocol>/<dataset>/<method>/shots_<K>/seed_<S>[/<target domain>][/eval_<subsample>]: your own folder
+    is named with a digest of its absolute path (two folders called `images` never share a run folder), a run from
+    a GRAM file as <method>+gram, an --eval-only run in a folder of its own."""
+    dataset = data.folder_run_name(args.root) if args.dataset == "folder" else args.dataset
+    method = f"{args.method}+gram" if args.gram else args.method
+    return os.path.join("output", args.protocol, dataset, method, f"shots_{data.shots_name(args.shots)}",
+                        f"seed_{args.seed}",
+                        *([str(args.target_domain)] if args.protocol == "multi_source_dg" and args.target_domain else []),
+                        *([f"eval_{args.subsample}"] if args.eval_only else []))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders: train.py never overwrites a finished run, and never writes into a folder holding a run of another
+# configuration, unless asked (--overwrite); --resume continues an unfinished run of the same configuration.
+
+RUN_FILES = ("config.json", "results.json", "prompts.pt", "checkpoint.pt", "log.jsonl", "gram.pt")
+
+
+def stored_config(folder: Path):
+    """The configuration of the run in `folder` (config.json, else the one its results or checkpoints carry), or
+    None where it holds no run."""
+    for name in ("config.json", "results.json", "checkpoint.pt", "prompts.pt"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            stored = json.loads(path.read_text()) if name.endswith(".json") else \
+                torch.load(path, map_location="cpu", weights_only=True)
+        except (*clip_model.UNREADABLE_FILE_ERRORS, OSError, ValueError):
+            continue  # a damaged file: look at the next one
+        config = stored.get("config", stored) if name == "results.json" else \
+            stored if name == "config.json" else stored.get("config")
+        if isinstance(config, dict):
+            return config
+    return None
+
+
+def check_output_dir(args):
+    """One line, before any work, unless <output-dir> can take this run: a folder (or a path to make one), writable,
+    and holding no run (or the same configuration's unfinished run with --resume, or anything with --overwrite)."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise data.DataError(f"--output-dir {out} is a file; pass a folder (created if missing)")
+    data.check_writable(out, "--output-dir", "pass a folder you can write to")
+    config = stored_config(out) if out.is_dir() else None
+    if config is None or args.overwrite:
+        return
+    finished = (out / ("gram.pt" if args.method == "gram" else "results.json")).is_file()
+    mine, theirs = data.run_identity(vars(args)), data.run_identity(config)
+    differing = sorted(k for k in mine.keys() & theirs.keys() if mine[k] != theirs[k])
+    if differing:
+        shown = ", ".join(f"{k} {theirs[k]!r} there, {mine[k]!r} here" for k in differing[:3])
+        raise data.DataError(f"--output-dir {out} holds a run of another configuration ({shown}); pass another "
+                             "--output-dir, or --overwrite to replace it")
+    if finished and not args.resume:
+        raise data.DataError(f"--output-dir {out} holds this configuration's finished run; --overwrite runs it again")
+    if (out / "checkpoint.pt").is_file() and not args.resume:
+        raise data.DataError(f"--output-dir {out} holds this configuration's unfinished run; --resume continues it, "
+                             "--overwrite starts it again")
+
+
+def claim_output_dir(args):
+    """Make <output-dir>, clear what a replaced run left (--overwrite), and write this run's config.json."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    data.write_json_atomic(vars(args), out / "config.json")
+
+
+def run_summary(args) -> str:
+    """The line a run starts with (the whole configuration is in <output-dir>/config.json)."""
+    if args.method == "gram":
+        what = f"GRAM meta-training of {args.base} on {args.pairs}, {args.gram_steps} steps"
+    elif args.eval_only:
+        what = f"{args.method} from {args.checkpoint} on {args.dataset}, {args.subsample} classes"
+    else:
+        what = f"{args.method}{' from ' + args.gram if args.gram else ''} on {args.dataset}" \
+               f"{' ' + str(Path(args.root)) if args.dataset == 'folder' else ''}, {args.protocol}, " \
+               f"{data.shots_name(args.shots)} shots, {args.epochs} epochs"
+    return f"{what}, seed {args.seed}, {args.backbone}, {args.precision}; config in " \
+           f"{os.path.join(args.output_dir, 'config.json')}"
 
 
 def check_inputs(args):
@@ -298,6 +393,8 @@ def check_inputs(args):
     if args.gram:
         gram = read_gram_file(args.gram, args)
         args.gram_sha256 = gram["sha256"]
+    if args.rank == 0:  # torchrun: process 0 writes the run folder
+        check_output_dir(args)
     if args.dataset in TESTBED_DATASETS:  # the offline testbed is made, not downloaded
         testbed.ensure_dataset(args.dataset, args.root)
     domains = data.get_spec(args.dataset).domains
@@ -313,12 +410,31 @@ def check_inputs(args):
                              f"--target-domain <{'|'.join(domains)}|all>")
     for target in (domains if args.target_domain == "all" else [args.target_domain]):
         data.check_request(args.dataset, args.root, args.shots, args.download, target)
+    if args.dataset == "folder":
+        check_own_folder(args)
     for name, dataset, _, target in evaluation_targets(args):
         if dataset != args.dataset:  # cross-dataset / DG evaluation sets are read, never downloaded
             data.check_request(dataset, args.root, args.shots, False, target)
     if args.eval_only:
         prompts.read_checkpoint(args.checkpoint, args.method)
     return gram
+
+
+FOLDER_MIN_CLASSES = {"fewshot": 2, "base2new": 4}  # a classifier needs 2 classes; base-to-new 2 base and 2 new
+
+
+def check_own_folder(args):
+    """Your own image folder (--dataset folder), before any work: writable (split.json and the few-shot and feature
+    caches are written into it), enough classes for the protocol, and every image decodes."""
+    folder = data.dataset_folder("folder", args.root)
+    data.check_writable(folder, "--root", "train.py writes split.json and its few-shot and feature caches into your "
+                        "image folder; make it writable, or copy the folder somewhere writable and pass that")
+    train, val, test, classnames = data.read_folder(folder)
+    needed = FOLDER_MIN_CLASSES[args.protocol]
+    if len(classnames) < needed:
+        raise data.DataError(f"{folder} holds {len(classnames)} class(es) ({', '.join(classnames)}); --protocol "
+                             f"{args.protocol} needs at least {needed}: add class folders (DIR/<class>/<image>)")
+    data.check_images_decode(train + val + test)
 
 
 def check_backbone(backbone):
@@ -427,6 +543,13 @@ def start_distributed(args):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     args.rank = dist.get_rank() if args.world_size > 1 else 0
+
+
+def stop_distributed():
+    """Leave the process group, if this process joined one (torchrun): without it, a process can exit with gloo's
+    threads alive and abort ("terminate called without an active exception") after its work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share(n: int, args) -> tuple:
@@ -659,68 +782,90 @@ def prometar_outer_loss(learner, params, batch) -> torch.Tensor:
 
 
 def prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels, scaler=None):
-    """One ProMetaR iteration as released (prometar.py:410-466): step A, an SGD step with the modulated gradient
-    on the whole batch; step B, one virtual task (skipped for a single-class batch), whose meta-gradient updates
-    the prompts (a second step of the same optimizer) and the gate phi. Under torchrun each process computes the
-    losses of its share of the batch (of the support set, of the query) weighted by that share, and the gradients are
-    summed before the gate modulates them (the inner step's sum keeps its graph), so every process takes the step of
-    one process on the whole batch. fp16: the losses are scaled (`scaler`), every gradient unscaled where it is taken;
-    a non-finite step A skips the iteration, a non-finite meta-gradient skips both step B updates."""
+    """One ProMetaR iteration as released (prometar.py:410-466). Step A: the gradient of L_task + R on the batch,
+    modulated by the gate phi, one SGD step. Step B: a virtual task (none for a single class); the meta-loss of a
+    modulated inner step on its support set and a mixup loss on its query updates the prompts (a second step) and the
+    gate. torchrun's shares and sums, and fp16's loss scaling (a non-finite step is skipped), sit in the helpers."""
     params, device, scaler = prompts.prompt_parameters(learner), images.device.type, scaler or NO_LOSS_SCALING
     loss_factor = loss_scale(scaler)  # fixed for the iteration: the scaler only updates at its end
-    with autocast(args, device):
+    with autocast(args, device):  # R_image's frozen image features (IVLP; CoOp's image encoder has no prompts)
         frozen_image = teacher.image_features(images) if getattr(learner, "vision_ctx", None) is not None else None
-
-    def loss_fn(p, batch, weight=1.0):  # weight: this process's share of the batch
-        if len(batch[1]) == 0:  # torchrun: an empty share (a support set smaller than the processes)
-            zero = sum(v.sum() for v in p.values()) * 0.0
-            return {"task": zero, "reg": zero, "logits": torch.zeros(0, device=images.device)}
-        with autocast(args, device):
-            losses = prometar_losses(args, learner, teacher, p, batch)
-        return {k: weight * v if k in ("task", "reg") else v for k, v in losses.items()}
-
-    outer_fn = in_precision(args, device, lambda p, batch: prometar_outer_loss(learner, p, batch))
-    reduce = lambda grad_task, grad_reg: reduce_dicts(args, grad_task, grad_reg)  # step A: no graph
-    reduce_inner = lambda grad_task, grad_reg: reduce_dicts(args, grad_task, grad_reg, graph=not args.first_order)
+    batch = (images, labels, frozen_image)
+    inner_losses = lambda weight: shared_prometar_losses(args, learner, teacher, weight)
     part, weight = share(len(labels), args)
-    local = (images[part], labels[part], None if frozen_image is None else frozen_image[part])
-    grads, losses = meta.regularized_gradients(lambda p, b: loss_fn(p, b, weight), params, local, gate,
-                                               reduce=reduce, loss_scale=loss_factor)  # step A
+    grads, losses = meta.regularized_gradients(inner_losses(weight), params, rows(batch, part), gate,
+                                               reduce=lambda *g: reduce_dicts(args, *g), loss_scale=loss_factor)  # A
     finite = finite_or_back_off(scaler, grads.values())
     if args.meta_second_step and finite:
         apply_gradients(optimizer, params, grads)
-    task = meta.split_virtual_task(labels) if finite else None
+    task = meta.split_virtual_task(labels) if finite else None  # step B
     optimizer.zero_grad(set_to_none=True)
     gate_optimizer.zero_grad(set_to_none=True)
-    if task is not None:  # step B
+    if task is not None:
         query, support = (mask.nonzero()[:, 0] for mask in task)  # positions in the batch
         lam, partner = meta.sample_mixup(len(query), len(support), args.mixup_alpha, args.mixup_beta)
-        s_part, s_weight = share(len(support), args)
-        mine = support[s_part]
-        support_batch = (images[mine], labels[mine], None if frozen_image is None else frozen_image[mine])
-        q_part, q_weight = share(len(query), args)
-        query_batch = (images, labels, query[q_part], support[partner.to(support.device)][q_part], lam[q_part],
-                       q_weight)
-        loss_meta = meta.meta_loss(lambda p, b: loss_fn(p, b, s_weight), outer_fn, params, support_batch,
-                                   query_batch, gate, inner_lr=args.meta_inner_lr, outer_scale=args.meta_outer_scale,
-                                   first_order=args.first_order, reduce=reduce_inner, loss_scale=loss_factor)
-        scaler.scale(loss_meta).backward()
-        reduce_gradients(args, [params, gate])
-        scaler.unscale_(optimizer)  # fp16: the meta-gradients unscaled, checked for inf (GradScaler)
-        scaler.unscale_(gate_optimizer)
+        (support_batch, s_weight), query_batch = virtual_task_shares(args, batch, query, support, partner, lam)
+        outer_loss = in_precision(args, device, lambda p, b: prometar_outer_loss(learner, p, b))
+        loss_meta = meta.meta_loss(inner_losses(s_weight), outer_loss, params, support_batch, query_batch, gate,
+                                   inner_lr=args.meta_inner_lr, outer_scale=args.meta_outer_scale,
+                                   first_order=args.first_order, loss_scale=loss_factor,
+                                   reduce=lambda *g: reduce_dicts(args, *g, graph=not args.first_order))
+        backward_over_processes(args, scaler, loss_meta, [params, gate], [optimizer, gate_optimizer])
         losses["meta"] = all_reduce_sum(args, loss_meta.detach())
         if not args.meta_second_step:  # one step with the sum of step A's gradient and the meta-gradient
             for k, p in params.items():
                 p.grad = grads[k] + (p.grad if p.grad is not None else 0)
-        scaler.step(optimizer)  # skipped when a meta-gradient is not finite (fp16)
-        scaler.step(gate_optimizer)
-        scaler.update()
+        step_optimizers(scaler, optimizer, gate_optimizer)
     elif finite and not args.meta_second_step:  # no virtual task: step A's gradient alone
         apply_gradients(optimizer, params, grads)
     logits = gather_rows(args, losses.pop("logits"))  # step A's, before its update
-    for key in ("task", "reg"):
-        losses[key] = all_reduce_sum(args, losses[key].clone())
-    return losses, logits
+    return {**losses, **{k: all_reduce_sum(args, losses[k].clone()) for k in ("task", "reg")}}, logits
+
+
+def shared_prometar_losses(args, learner, teacher, weight: float):
+    """prometar_losses under autocast, weighted by this process's share of the set (torchrun); an empty share gives
+    zeros that keep the graph (a support set smaller than the processes)."""
+    def loss_fn(p, batch):
+        if len(batch[1]) == 0:
+            zero = sum(v.sum() for v in p.values()) * 0.0
+            return {"task": zero, "reg": zero, "logits": torch.zeros(0, device=batch[0].device)}
+        with autocast(args, batch[0].device.type):
+            losses = prometar_losses(args, learner, teacher, p, batch)
+        return {k: weight * v if k in ("task", "reg") else v for k, v in losses.items()}
+    return loss_fn
+
+
+def rows(batch: tuple, index) -> tuple:
+    """The rows `index` (a slice or positions) of every tensor of a batch tuple; None stays None."""
+    return tuple(None if t is None else t[index] for t in batch)
+
+
+def virtual_task_shares(args, batch, query, support, partner, lam) -> tuple:
+    """torchrun: this process's share of a virtual task's support set and its weight, and of its query (positions,
+    their mixup partners' positions, lam, weight), so that the sums over processes are the losses of the whole sets
+    (one process: the whole sets, weight 1)."""
+    images, labels, _ = batch
+    s_part, s_weight = share(len(support), args)
+    q_part, q_weight = share(len(query), args)
+    partners = support[partner.to(support.device)]
+    return (rows(batch, support[s_part]), s_weight), (images, labels, query[q_part], partners[q_part], lam[q_part],
+                                                     q_weight)
+
+
+def backward_over_processes(args, scaler, loss, modules, optimizers):
+    """The backward pass of a (fp16: scaled) loss, the gradients of `modules` summed over processes (torchrun), then
+    unscaled where the optimizers will step (fp16: GradScaler checks them for inf there)."""
+    scaler.scale(loss).backward()
+    reduce_gradients(args, modules)
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
+
+
+def step_optimizers(scaler, *optimizers):
+    """Each optimizer's step (fp16: skipped where its gradients are not finite), then the loss scale's update."""
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
 
 
 def metaprompt_in_domain_losses(learner, images, labels, frozen_image) -> tuple:
@@ -747,60 +892,75 @@ def metaprompt_image_loss(learner, params, batch) -> torch.Tensor:
 
 def metaprompt_step(args, learner, optimizer, images, labels, domains, scaler=None):
     """One MetaPrompt iteration as released (meta.py `Meta_B2N` / `Meta_DG.forward_backward`). Step A: the in-domain
-    loss on the whole batch, one SGD step of both prompts. Step B: the domain-split meta update of one prompt
-    (meta.domain_split_update), at the optimizer's live lr. Base-to-new: the text prompt over two random class halves,
-    the inner and meta-test losses CE(l_t) on each half's classes (only the text branch runs: the frozen image
-    features of the batch are computed once). Multi-source DG: the visual prompt, leave-one-domain-out in the batch,
-    CE(l_i) over all classes (only the image branch runs). Under torchrun each process takes its share of the batch
-    and of every split's sets, weighted by that share, and the gradients are summed. fp16: both steps' losses are
-    scaled (`scaler`) and their gradients unscaled; a non-finite step is skipped and the scale backs off."""
+    loss on the batch, one SGD step of both prompts. Step B: the domain-split meta update of one prompt
+    (meta.domain_split_update) at the optimizer's live lr: base-to-new, the text prompt over two random class halves
+    (CE(l_t) on each half's classes, from the batch's frozen image features); multi-source DG, the visual prompt,
+    leave-one-domain-out (CE(l_i) over all classes). torchrun's shares and sums, and fp16's loss scaling (a
+    non-finite step is skipped), sit in the helpers (split_shares, shared_split_loss, backward_and_step)."""
     device, params, scaler = images.device.type, prompts.prompt_parameters(learner), scaler or NO_LOSS_SCALING
-    part, weight = share(len(labels), args)
+    part, weight = share(len(labels), args)  # torchrun: this process's part of the batch
     with autocast(args, device):
         frozen_image = learner.frozen_image_features(images)  # (B, E), once per batch
-        losses, logits = metaprompt_in_domain_losses(learner, images[part], labels[part], frozen_image[part])  # A
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(weight * sum(losses.values())).backward()
-    reduce_gradients(args, [params])
-    scaler.step(optimizer)
-    scaler.update()
+        losses, logits = metaprompt_in_domain_losses(learner, images[part], labels[part], frozen_image[part])
+    backward_and_step(args, scaler, optimizer, weight * sum(losses.values()), params)  # step A
     if args.protocol == "multi_source_dg":  # step B': visual prompt, leave one source domain out
-        name = "vision_ctx"
+        name, loss = "vision_ctx", lambda p, b: metaprompt_image_loss(learner, p, b)
         splits = [((images[s], labels[s]), (images[q], labels[q]))
                   for s, q in meta.domain_splits(domains, args.metaprompt_domain_range)]
-        loss = lambda p, b: metaprompt_image_loss(learner, p, b)
     else:  # step B: text prompt, two random halves of the training classes
-        name = "text_ctx"
+        name, loss = "text_ctx", lambda p, b: metaprompt_text_loss(learner, p, b)
         halves = meta.class_halves(learner.frozen_text_features.shape[0])
         splits = [((frozen_image[s_mask], s_labels, s_classes), (frozen_image[q_mask], q_labels, q_classes))
                   for (s_mask, s_labels, s_classes), (q_mask, q_labels, q_classes)
                   in meta.class_half_splits(labels, halves)]
-        loss = lambda p, b: metaprompt_text_loss(learner, p, b)
+    buffers = {k: optimizer.state[p].get("momentum_buffer") for k, p in params.items()}
+    new, buffers = meta.domain_split_update(
+        shared_split_loss(args, device, loss, name), params, name, split_shares(args, splits), buffers,
+        lr=optimizer.param_groups[0]["lr"], meta_step=args.metaprompt_meta_step, momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY, inner_optimizer=args.metaprompt_inner_optimizer,
+        frozen_drift=args.metaprompt_frozen_drift, aliased_restore=args.metaprompt_aliased_restore,
+        reduce=lambda g: all_reduce_sum(args, g), loss_scale=loss_scale(scaler))
+    if finite_or_back_off(scaler, [new[name]]):
+        write_like_an_optimizer(optimizer, params, new, buffers)
+    return {k: all_reduce_sum(args, weight * v.detach()) for k, v in losses.items()}, gather_rows(args, logits)
 
-    def mine(batch):  # this process's share of a split's set (its first two fields), and the share's weight
+
+def backward_and_step(args, scaler, optimizer, loss, params):
+    """One plain optimizer step on a loss: backward (fp16: scaled), the gradients summed over processes (torchrun),
+    the step (fp16: skipped where not finite) and the loss scale's update."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    reduce_gradients(args, [params])
+    step_optimizers(scaler, optimizer)
+
+
+def split_shares(args, splits) -> list:
+    """torchrun: this process's share of each split's support and query set (their first two fields, the rest kept),
+    each with the share's weight."""
+    def mine(batch):
         part, weight = share(len(batch[1]), args)
         return (batch[0][part], batch[1][part], *batch[2:]), weight
+    return [(mine(support), mine(query)) for support, query in splits]
 
-    def loss_fn(p, weighted):  # an empty share adds zero (a set smaller than the processes)
+
+def shared_split_loss(args, device, loss, name):
+    """A split loss over a (batch, weight) share: under autocast, weighted; an empty share adds zero (a set smaller
+    than the processes) through the prompt `name`, so that every process records the same graph."""
+    def loss_fn(p, weighted):
         batch, weight = weighted
         with autocast(args, device):
             return weight * loss(p, batch) if len(batch[1]) else p[name].sum() * 0.0
+    return loss_fn
 
-    splits = [(mine(support), mine(query)) for support, query in splits]
-    reduce = lambda g: all_reduce_sum(args, g)
-    buffers = {k: optimizer.state[p].get("momentum_buffer") for k, p in params.items()}
-    new, buffers = meta.domain_split_update(
-        loss_fn, params, name, splits, buffers, lr=optimizer.param_groups[0]["lr"],
-        meta_step=args.metaprompt_meta_step, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-        inner_optimizer=args.metaprompt_inner_optimizer, frozen_drift=args.metaprompt_frozen_drift,
-        aliased_restore=args.metaprompt_aliased_restore, reduce=reduce, loss_scale=loss_scale(scaler))
-    if finite_or_back_off(scaler, [new[name]]):
-        with torch.no_grad():  # write the result as an optimizer would: values and momentum buffers
-            for k, p in params.items():
-                p.copy_(new[k])
-                if buffers[k] is not None:
-                    optimizer.state[p]["momentum_buffer"] = buffers[k]
-    return {k: all_reduce_sum(args, weight * v.detach()) for k, v in losses.items()}, gather_rows(args, logits)
+
+def write_like_an_optimizer(optimizer, params, new, buffers):
+    """Write new prompt values and momentum buffers in place, as an optimizer step would (MetaPrompt's meta write
+    bypasses the optimizer, meta.py:377-378)."""
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(new[k])
+            if buffers[k] is not None:
+                optimizer.state[p]["momentum_buffer"] = buffers[k]
 
 
 def apply_gradients(optimizer, params, grads):
@@ -876,6 +1036,9 @@ def main(args):
     gram = check_inputs(args)
     if args.world_size > 1 and lead:
         dist.barrier()
+    if lead:
+        claim_output_dir(args)
+        print(run_summary(args), flush=True)
     seed_everything(args.seed)
     clip = clip_model.load(args.backbone, device=device)
     if args.compile:  # the frozen encoders' forward passes; gradients still reach the prompts through them
@@ -904,7 +1067,6 @@ def main(args):
     optimizer, gate_optimizer = build_optimizers(args, params, gate)
     scaler = torch.amp.GradScaler(device, enabled=args.precision == "fp16")  # loss scaling for fp16 only
     ckpt_path, start_epoch, snapshots = os.path.join(args.output_dir, "checkpoint.pt"), 0, []
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.resume and not os.path.exists(ckpt_path):
         print(f"--resume: no {ckpt_path} yet, starting from the first epoch", file=sys.stderr)
     if args.resume and os.path.exists(ckpt_path):
@@ -918,8 +1080,6 @@ def main(args):
             gate.load_state_dict(ckpt["gate"])
             gate_optimizer.load_state_dict(ckpt["gate_optimizer"])
     views = cached_views(args, clip, train, device) if args.cache_views else None
-    if lead:
-        print(json.dumps(vars(args)))
     log = open_log(os.path.join(args.output_dir, "log.jsonl"), start_epoch, write=lead)
     for epoch in range(start_epoch, args.epochs):
         # --- ALGO: one epoch of SGD on the few-shot training set (CoOp Sec. 3.2, Dassl schedule) ---
@@ -931,7 +1091,7 @@ def main(args):
             view_batches(views, train, args.batch_size, args.seed * EPOCH_SEED_STRIDE + epoch)
         learner.train()
         bar = progress(loader, f"epoch {epoch + 1}/{args.epochs}", args.no_progress)
-        tick = time.perf_counter()
+        tick, epoch_start, seen = time.perf_counter(), time.perf_counter(), []
         for iteration, batch in enumerate(bar):
             images, labels = batch["img"].to(device, non_blocking=True), batch["label"].to(device)
             if gate is not None:
@@ -944,9 +1104,12 @@ def main(args):
                 losses, logits = sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device,
                                           regulators)
             accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
-            bar.set_postfix(loss=f"{sum(losses.values()).item():.4f}", acc=f"{accuracy:.1f}", lr=f"{lr:.2e}")
+            seen.append((sum(losses.values()).item(), accuracy))
+            bar.set_postfix(loss=f"{seen[-1][0]:.4f}", acc=f"{accuracy:.1f}", lr=f"{lr:.2e}")
             tick = log_iteration(log, {"epoch": epoch, "iteration": iteration},
                                  {**losses, "accuracy": accuracy, "lr": lr}, tick)
+        if args.no_progress and lead:
+            print(epoch_line(epoch, args.epochs, seen, lr, time.perf_counter() - epoch_start), flush=True)
         # --- bookkeeping: Gaussian prompt aggregation snapshot, atomic checkpoint ---
         if gpa_weights is not None:
             snapshots.append({k: v.detach().clone() for k, v in params.items()})
@@ -971,6 +1134,12 @@ def main(args):
     summary = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in splits.items())
     print(f"{summary}" + (f", HM {results['hm']:.2f}" if "hm" in results else "")
           + f"; results in {os.path.join(args.output_dir, 'results.json')}")
+
+
+def epoch_line(epoch: int, epochs: int, seen: list, lr: float, seconds: float) -> str:
+    """--no-progress: one line per epoch, the mean training loss and accuracy of its iterations."""
+    loss, accuracy = (statistics.fmean(values) for values in zip(*seen)) if seen else (math.nan, math.nan)
+    return f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}, accuracy {accuracy:.1f}%, lr {lr:.2e}, {seconds:.1f} s"
 
 
 def open_log(path, start_epoch, key="epoch", write=True):
@@ -1040,16 +1209,10 @@ def pair_batch(learner, pairs, index, transform, device) -> tuple:
 
 def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement, generator, first,
               n_tasks=None, offset=0, scaler=None):
-    """One meta-training step (SUPMER: model/meta.py:77-212) over a meta-batch of tasks (support, query, partner,
-    domain similarity): per task the regulated inner step (meta.regulated_inner_update), the curriculum's mixup
-    weight, the mixup InfoNCE of the query and partner batches at the adapted prompts, whose backward gives the
-    prompts their first-order and the regulators their exact gradient; the support/query gradient agreement s;
-    the gate regularizer; then both gradients clipped separately, both Adam steps, and the agreement's running mean.
-    Under torchrun each process takes the tasks `offset`.. of the `n_tasks` of the meta-batch (every process draws
-    every task's curriculum weight, in order), and the gradients, agreements and logged values are summed. fp16: the
-    inner and outer losses are scaled (`scaler`), the gradients unscaled before the regulators, the agreement and the
-    clipping; a non-finite step is skipped and the scale backs off.
-    Returns (losses, new agreement)."""
+    """One meta-training step (SUPMER: model/meta.py:77-212) over tasks (support, query, partner, domain similarity):
+    per task the regulated inner step, the mixup InfoNCE of query and partner at the adapted prompts (first order in
+    the prompts, exact in the regulators), the gradient agreement s, the gate regularizer; then clipped Adam steps and
+    s's running mean. torchrun: this process's tasks start at `offset` of `n_tasks`. Returns (losses, agreement)."""
     params, scaler = prompts.prompt_parameters(learner), scaler or NO_LOSS_SCALING
     loss_factor = loss_scale(scaler)  # fixed for the step: the scaler only updates at its end
     optimizer.zero_grad(set_to_none=True)
@@ -1057,6 +1220,7 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
     n, sims, logged = n_tasks or len(tasks), [], {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0}
     scale, device = learner.clip.logit_scale.exp(), learner.clip.logit_scale.device.type
     lams = [meta.curriculum_lambda(agreement, generator) for _ in range(n)]  # the same stream in every process
+    groups = {regulators.key(k): k for k in params}  # one gate per regulator
     for lam, (support, query, partner, domain_similarity) in zip(lams[offset:], tasks):
         with meta.second_order_attention(args.gram_second_order):  # double backward through attention: math kernel
             adapted, regulated, gates, support_loss, contexts = meta.regulated_inner_update(
@@ -1067,33 +1231,48 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
                 a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
                 outer = meta.mixup_contrastive_loss(q.image_features, q.text_features, a.image_features,
                                                     a.text_features, lam, scale)
-            before = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
-            scaler.scale(outer / n).backward()
-        s_tau = statistics.fmean(meta.gradient_agreement((p.grad - before[k]) * n / loss_factor,
-                                                         regulated[k].detach()) for k, p in params.items())
-        groups = {regulators.key(k): k for k in params}  # one gate per regulator
+            query_grads = task_gradients(scaler, outer / n, params, n, loss_factor)
+        s_tau = statistics.fmean(meta.gradient_agreement(query_grads[k], regulated[k].detach()) for k in params)
         if args.gram_gate_regularizer and args.gram_regulator != "meta_sgd":
             terms = [meta.gate_regularizer(regulators.gate(k, contexts[k]), domain_similarity, s_tau)
                      for k in groups.values()]
             scaler.scale(sum(terms) / n).backward()  # its only gradient path is the gate
         sims.append(s_tau)
         gate_values = [float(gates[k].detach()) for k in groups.values() if gates[k] is not None]
-        for key, value in (("support", float(support_loss)), ("outer", float(outer.detach())), ("lam", lam),
-                           ("gate", statistics.fmean(gate_values) if gate_values else 0.0)):
-            logged[key] += value / n
-    reduce_gradients(args, [params, regulators])
-    scaler.unscale_(optimizer)  # fp16: unscaled before clipping, checked for inf (GradScaler)
-    scaler.unscale_(regulator_optimizer)
-    torch.nn.utils.clip_grad_norm_(list(params.values()), args.gram_clip)
-    torch.nn.utils.clip_grad_norm_(list(regulators.parameters()), args.gram_clip)
-    scaler.step(optimizer)
-    scaler.step(regulator_optimizer)
-    scaler.update()
+        accumulate(logged, n, support=float(support_loss), outer=float(outer.detach()), lam=lam,
+                   gate=statistics.fmean(gate_values) if gate_values else 0.0)
+    clipped_steps(args, scaler, [params, regulators], [optimizer, regulator_optimizer], args.gram_clip)
     totals = all_reduce_sum(args, torch.tensor([sum(sims), *logged.values()], dtype=torch.float64,
                                                device=learner.clip.logit_scale.device))
     mean_sim, logged = float(totals[0]) / n, dict(zip(logged, totals[1:].tolist()))
     agreement = mean_sim if first else 0.5 * agreement + 0.5 * mean_sim  # SUPMER: meta.py:205-210
     return {**{k: torch.tensor(v) for k, v in logged.items()}, "agreement": torch.tensor(agreement)}, agreement
+
+
+def task_gradients(scaler, loss, params, n: int, loss_factor: float) -> dict:
+    """What one task's (fp16: scaled) loss adds to the prompts' accumulated .grad, unscaled and times n (the task's
+    own gradient, the loss being its 1/n share of the meta-batch's): its backward, less the .grad before it."""
+    before = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+    scaler.scale(loss).backward()
+    return {k: (p.grad - before[k]) * n / loss_factor for k, p in params.items()}
+
+
+def accumulate(logged: dict, n: int, **values):
+    """Add each value's 1/n share to the meta-batch's logged means."""
+    for key, value in values.items():
+        logged[key] += value / n
+
+
+def clipped_steps(args, scaler, modules, optimizers, max_norm: float):
+    """The gradients of `modules` summed over processes (torchrun) and unscaled (fp16), each module's clipped to
+    `max_norm` on its own, then every optimizer's step and the loss scale's update."""
+    reduce_gradients(args, modules)
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
+    for module in modules:
+        torch.nn.utils.clip_grad_norm_(list(module.values() if isinstance(module, dict) else module.parameters()),
+                                       max_norm)
+    step_optimizers(scaler, *optimizers)
 
 
 def gram_task_tree(args, clip, pairs, device) -> tuple:
@@ -1134,11 +1313,16 @@ def meta_train_gram(args):
     start_distributed(args)  # torchrun: the meta-batch's tasks shared out; process 0 writes
     lead = args.rank == 0
     check_backbone(args.backbone)
+    if lead:
+        check_output_dir(args)
     pairs = data.read_pairs(args.pairs, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     if len(pairs) < 2 * args.gram_batch * (args.gram_tasks + 1):
         raise data.DataError(f"{args.pairs} holds {len(pairs)} pairs; one meta-batch needs at least "
                              f"{2 * args.gram_batch * (args.gram_tasks + 1)} (--gram-tasks {args.gram_tasks} leaves "
                              f"of 2 x --gram-batch {args.gram_batch}, and partners)")
+    if lead:
+        claim_output_dir(args)
+        print(run_summary(args), flush=True)
     seed_everything(args.seed)
     clip = clip_model.load(args.backbone, device=device)
     learner = gram_learner(args, clip)
@@ -1151,7 +1335,6 @@ def meta_train_gram(args):
     generator = torch.Generator().manual_seed(args.seed)  # leaves, partners, curriculum: one dedicated stream
     transform = data.build_transform(False, clip.visual.input_resolution)
     ckpt_path, start_step, agreement = os.path.join(args.output_dir, "checkpoint.pt"), 0, 0.0
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         prompts.load_prompts(learner, ckpt["prompts"])
@@ -1210,17 +1393,28 @@ def gram_file(args, learner, regulators) -> dict:
 def run(args):
     """main(args), or for `--target-domain all` main once per target domain of the DG suite (in <output-dir>/<target>)
     and then <output-dir>/results.json with the accuracy per target and their average (MetaPrompt's DG tables)."""
-    if args.method == "gram":
-        return meta_train_gram(args)
-    if args.protocol != "multi_source_dg" or args.target_domain != "all":
-        return main(args)
+    try:
+        if args.method == "gram":
+            return meta_train_gram(args)
+        if args.protocol != "multi_source_dg" or args.target_domain != "all":
+            return main(args)
+        return run_every_target(args)
+    finally:  # every exit path (results, an error, Ctrl-C): gloo's threads must not outlive the interpreter
+        stop_distributed()
+
+
+def run_every_target(args):
+    """--target-domain all: main() for each held-out domain in turn, then the average (run's docstring)."""
     check_inputs(args)
+    claim_output_dir(args)
     per_target, start_time = {}, time.time()
     for target in data.get_spec(args.dataset).domains:
         target_args = argparse.Namespace(**{**vars(args), "target_domain": target,
                                             "output_dir": os.path.join(args.output_dir, target)})
-        main(target_args)
-        with open(os.path.join(target_args.output_dir, "results.json")) as f:
+        done = os.path.join(target_args.output_dir, "results.json")
+        if not (args.resume and os.path.exists(done)):  # --resume: a finished target is not run again
+            main(target_args)
+        with open(done) as f:
             per_target[target] = json.load(f)["splits"]["test"]
     average = {k: sum(m[k] for m in per_target.values()) / len(per_target) for k in ("accuracy", "macro_f1")}
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1234,9 +1428,41 @@ def progress(iterable, desc, disable):
     return tqdm(iterable, desc=desc, disable=disable, leave=False)
 
 
-if __name__ == "__main__":
+def where_stopped(args) -> str:
+    """Where an interrupted run stopped, from what its run folder holds (its last checkpoint)."""
+    domains = data.get_spec(args.dataset).domains if args.dataset in data.DATASETS else ()
+    folders = [Path(args.output_dir) / t for t in domains] if args.target_domain == "all" else [Path(args.output_dir)]
+    for folder in folders:
+        if (folder / "results.json").exists():
+            continue
+        ckpt = folder / "checkpoint.pt"
+        if not ckpt.exists():
+            return f"{folder}: before its first checkpoint"
+        done = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if args.method == "gram":
+            return f"{folder}: {done['step']} of {args.gram_steps} steps checkpointed"
+        return f"{folder}: {done['epoch']} of {args.epochs} epochs checkpointed"
+    return f"{args.output_dir}: after training"
+
+
+def cli(argv=None) -> int:
+    """The command line: run(), one line per user error (exit 1); Ctrl-C: where it stopped and the command that
+    resumes it (exit 130); argparse's mistakes exit 2 (data.ArgumentParser)."""
     data.one_line_warnings()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
-        run(parse_args())
+        run(args)
     except (data.DataError, clip_model.CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {data.error_line(e)}")
+        print(f"error: {data.error_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        command = shlex.join(["python", "train.py", *argv,
+                              *([] if "--resume" in argv else ["--resume"])])
+        print(f"interrupted, {where_stopped(args)}; resume with: {command}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
