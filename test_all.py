@@ -3646,25 +3646,23 @@ def test_torchrun_leaves_its_process_group_on_every_exit_path(harness, tmp_path,
     assert train.cli([str(a) for a in common]) == 130 and left == [True]
 
 
-def train_cli(harness, *argv):
-    """train.py's command line in this process (the walkthrough's runs; the command under test is eval.py's)."""
-    import train
-    common = ["--backbone", str(harness / "tiny.pt"), "--num-workers", "0", "--no-progress", "--text-depth", "2",
+def train_cli(harness, home, *argv):
+    """`python train.py ...` in a subprocess, in `home` (its HOME and working folder): one short CoOp run."""
+    common = ["--backbone", harness / "tiny.pt", "--num-workers", "0", "--no-progress", "--text-depth", "2",
               "--vision-depth", "2", "--method", "coop", "--n-ctx", "4", "--epochs", "1"]
-    return train.cli([*common, *map(str, argv)])
+    return run_cli("train.py", *common, *argv, home=home)
 
 
-def test_table_finds_every_protocol_below_any_folder(harness, tmp_path, monkeypatch):
+def test_table_finds_every_protocol_below_any_folder(harness, tmp_path):
     """Runs of three protocols in their default folders (base-to-new, few-shot, multi-source DG with --target-domain
     all): `eval.py table` on the output root prints one table per protocol with the runs' own numbers; on a protocol
     folder or on one run folder, that part; the DG suite's own average file is not read as a target."""
     data.make_synthetic_dg_dataset(tmp_path / "dg", per_domain=(2, 1, 2))
-    monkeypatch.chdir(tmp_path)
-    assert train_cli(harness, "--dataset", "synthetic", "--root", harness / "data", "--shots", "2") == 0
-    assert train_cli(harness, "--dataset", "synthetic", "--root", harness / "data", "--shots", "2",
-                     "--protocol", "fewshot") == 0
-    assert train_cli(harness, "--dataset", "synthetic_dg", "--root", tmp_path / "dg", "--shots", "1",
-                     "--target-domain", "all") == 0
+    for argv in (["--dataset", "synthetic", "--root", harness / "data", "--shots", "2"],
+                 ["--dataset", "synthetic", "--root", harness / "data", "--shots", "2", "--protocol", "fewshot"],
+                 ["--dataset", "synthetic_dg", "--root", tmp_path / "dg", "--shots", "1", "--target-domain", "all"]):
+        result = train_cli(harness, tmp_path, *argv)
+        assert result.returncode == 0, result.stderr
     b2n = json.loads((tmp_path / "output/base2new/synthetic/coop/shots_2/seed_1/results.json").read_text())
     few = json.loads((tmp_path / "output/fewshot/synthetic/coop/shots_2/seed_1/results.json").read_text())
     dg = json.loads((tmp_path / "output/multi_source_dg/synthetic_dg/coop/shots_1/seed_1/all/results.json")
@@ -3716,8 +3714,8 @@ def test_table_rows_never_mix_configurations(tmp_path):
 def test_evaluate_takes_a_run_folder_and_warns_about_no_workers(harness, tmp_path):
     """`eval.py evaluate --checkpoint RUN_DIR` (as predict takes it) gives the run's own numbers; its loader
     processes default to at most one per core, so it warns nothing."""
-    assert train_cli(harness, "--dataset", "synthetic", "--root", harness / "data", "--shots", "2",
-                     "--output-dir", tmp_path / "run") == 0
+    assert train_cli(harness, tmp_path, "--dataset", "synthetic", "--root", harness / "data", "--shots", "2",
+                     "--output-dir", tmp_path / "run").returncode == 0
     trained = json.loads((tmp_path / "run" / "results.json").read_text())["splits"]["new"]
     result = run_cli("eval.py", "evaluate", "--checkpoint", tmp_path / "run", "--dataset", "synthetic", "--root",
                      harness / "data", "--subsample", "new", home=tmp_path)
@@ -3732,18 +3730,15 @@ def test_runs_are_never_overwritten_or_mixed(harness, tmp_path, monkeypatch, cap
     each get folders of their own; --shots takes a positive number or all."""
     import train
     base = ["--dataset", "synthetic", "--root", harness / "data", "--shots", "2", "--output-dir", tmp_path / "run"]
-    assert train_cli(harness, *base) == 0
+    assert train_cli(harness, tmp_path, *base).returncode == 0
     results = tmp_path / "run" / "results.json"
     stamp = results.read_bytes()
-    capsys.readouterr()
     for extra, fragment in (((), "holds this configuration's finished run; --overwrite"),
                             (("--lr", "0.05"), "holds a run of another configuration (lr 0.002 there, 0.05 here)"),
                             (("--lr", "0.05", "--resume"), "lr 0.002 there, 0.05 here")):
-        assert train_cli(harness, *base, *extra) == 1
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and fragment in err, err
+        assert_one_line_error(train_cli(harness, tmp_path, *base, *extra), fragment)
         assert results.read_bytes() == stamp
-    assert train_cli(harness, *base, "--lr", "0.05", "--overwrite") == 0
+    assert train_cli(harness, tmp_path, *base, "--lr", "0.05", "--overwrite").returncode == 0
     assert json.loads(results.read_text())["config"]["lr"] == 0.05
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 0.05
     own_folder(tmp_path / "a" / "images", {"ant": 2, "bee": 2})
@@ -3761,27 +3756,25 @@ def test_runs_are_never_overwritten_or_mixed(harness, tmp_path, monkeypatch, cap
         assert exit_info.value.code == 2 and err[0].startswith("error: argument --shots") and "or all" in err[0]
 
 
-def test_own_folder_trains_on_every_class_by_default(harness, tmp_path, monkeypatch, capsys):
+def test_own_folder_trains_on_every_class_by_default(harness, tmp_path):
     """`--dataset folder` is few-shot over all its classes (so predict can name every one); base-to-new by flag;
     a folder with one class (or fewer than 4 for base-to-new) and a corrupt image are one line before any work."""
     mine = tmp_path / "mine"
     shutil.copytree(harness / "data" / "synthetic" / "images", mine)
-    monkeypatch.chdir(tmp_path)
-    assert train_cli(harness, "--dataset", "folder", "--root", mine, "--shots", "2") == 0
+    assert train_cli(harness, tmp_path, "--dataset", "folder", "--root", mine, "--shots", "2").returncode == 0
     (run,) = (tmp_path / "output" / "fewshot").glob("mine-*/coop/shots_2/seed_1")
     assert torch.load(run / "prompts.pt", weights_only=True)["classnames"] == data.read_folder(mine)[3]  # all 6
     assert set(json.loads((run / "results.json").read_text())["splits"]) == {"test"}
-    assert train_cli(harness, "--dataset", "folder", "--root", mine, "--shots", "2", "--protocol", "base2new") == 0
+    assert train_cli(harness, tmp_path, "--dataset", "folder", "--root", mine, "--shots", "2", "--protocol",
+                     "base2new").returncode == 0
     (run,) = (tmp_path / "output" / "base2new").glob("mine-*/coop/shots_2/seed_1")
     assert len(torch.load(run / "prompts.pt", weights_only=True)["classnames"]) == 3  # the base half
-    capsys.readouterr()
     own_folder(tmp_path / "one", {"ant": 4})
     own_folder(tmp_path / "three", {"ant": 4, "bee": 4, "cat": 4})
     for root, protocol, fragment in (("one", "fewshot", "holds 1 class(es) (ant); --protocol fewshot needs at least 2"),
                                      ("three", "base2new", "--protocol base2new needs at least 4")):
-        assert train_cli(harness, "--dataset", "folder", "--root", tmp_path / root, "--protocol", protocol) == 1
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and fragment in err, err
+        assert_one_line_error(train_cli(harness, tmp_path, "--dataset", "folder", "--root", tmp_path / root,
+                                        "--protocol", protocol), fragment)
     own_folder(tmp_path / "corrupt", {"ant": 4, "bee": 4})
     (tmp_path / "corrupt" / "bee" / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     result = run_cli("train.py", "--dataset", "folder", "--root", tmp_path / "corrupt", "--backbone", harness / "tiny.pt",
