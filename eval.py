@@ -1,10 +1,13 @@
 """Evaluate a saved prompt checkpoint, classify images with it, and aggregate an output tree into the papers' tables.
 
-    python eval.py evaluate --checkpoint output/.../prompts.pt --dataset dtd --root DATA --subsample new
+    python eval.py evaluate --checkpoint RUN_DIR --dataset dtd --root DATA --subsample new   # or its prompts.pt
     python eval.py predict --checkpoint RUN_DIR photo.jpg more_photos/ [--classes names.txt] [--topk 5] [--json]
-    python eval.py table --output output/base2new          # markdown: base, new, HM per dataset + average
-    python eval.py table --output output/multi_source_dg   # DG: accuracy per target domain and their average
+    python eval.py table --output output                   # every results.json below: one table per protocol
     python eval.py table --output output/base2new --baseline ivlp [--json]  # + paired differences, 95% intervals
+
+Tables: base-to-new (base, new, HM per dataset + average), few-shot (accuracy per dataset and shots), multi-source
+DG (accuracy per target domain and their average), cross-dataset and ImageNet DG. A row never averages runs whose
+configurations differ in anything but the seed (`scan`).
 
 The average row is the papers' (CoCoOp arXiv:2203.05557v2 Table 1, and every later table): mean base and mean new
 accuracy over the datasets, and the HM of those two means (not the mean of per-dataset HMs). Each run's numbers are
