@@ -86,7 +86,7 @@ def scan(output) -> list:
     Names come from the run folder, <dataset>/<method>/shots_<K>/seed_<S>[/<target>] (so variants such as coop+gram
     are rows of their own), or from the configuration where the run sits elsewhere (--output-dir). Runs that differ
     in anything but the seed (data.run_identity) never share a row: where one label holds several configurations,
-    each gets the differing flags in brackets, "coop [lr 0.05]"."""
+    each gets the differing flags in brackets, "coop [lr 0.05]" (the shots are a column or in the label already)."""
     records = []
     for path in sorted(Path(output).resolve().rglob("results.json")):
         result = json.loads(path.read_text())
@@ -110,7 +110,7 @@ def scan(output) -> list:
             protocol != "fewshot" else method
         records.append({"protocol": protocol, "dataset": dataset, "label": label, "shots": shots,
                         "seed": result.get("seed", config.get("seed")), "target": config.get("target_domain"),
-                        "identity": data.run_identity(config, "seed", "dataset", "root", "target_domain"),
+                        "identity": data.run_identity(config, "seed", "shots", "dataset", "root", "target_domain"),
                         "result": result})
     return distinguish_configurations(records)
 

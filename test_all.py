@@ -3709,6 +3709,15 @@ def test_table_rows_never_mix_configurations(tmp_path):
     assert [r["seed"] for r in runs["coop [lr 0.05]"]["dtd"]] == [2]
     table = evaluation.markdown_table(runs)
     assert "| coop [lr 0.002] | dtd | 2 | 71.00 ± 1.41 | 51.00 ± 1.41 |" in table
+    for shots in (1, 5):  # DG and few-shot: the shots are a column, not a difference of configuration
+        for target in ("x", "y"):
+            folder = tmp_path / "dg" / "styles" / "coop" / f"shots_{shots}" / "seed_1" / target
+            folder.mkdir(parents=True)
+            config = {"protocol": "multi_source_dg", "method": "coop", "shots": shots, "seed": 1,
+                      "target_domain": target, "epochs": 4}
+            (folder / "results.json").write_text(json.dumps({"config": config, "seed": 1,
+                                                             "splits": {"test": {"accuracy": 10.0 * shots}}}))
+    assert sorted(evaluation.collect_dg(tmp_path / "dg")) == [("coop", "styles", 1), ("coop", "styles", 5)]
 
 
 def test_evaluate_takes_a_run_folder_and_warns_about_no_workers(harness, tmp_path):
