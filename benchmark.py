@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -172,37 +173,109 @@ TESTBED_THREADS = 1  # torch threads of every testbed run, whatever --jobs: the 
 POLL_SECONDS = 0.5  # how often train_in_parallel looks for a finished run
 
 
-def train_in_parallel(runs, jobs: int) -> None:
+def train_command(argv) -> list:
+    """The train.py command line of one run of a grid or of the testbed (resumable, one log line per epoch)."""
+    return ["python", "train.py", *argv, "--no-progress", "--resume"]
+
+
+def train_in_parallel(runs, jobs: int, threads: int = TESTBED_THREADS, devices=None, keep_going: bool = False,
+                      logs=None) -> list:
     """Run train.py argument lists (each with its --output-dir), `jobs` at a time, each in a process of its own with
-    TESTBED_THREADS torch threads, starting the next as soon as any one finishes; a run whose results.json exists is
-    skipped, an interrupted one resumes from its checkpoint (--resume). The testbed's small models gain nothing from a second thread (CoOp: the
-    same seconds with one or two), so two jobs on two cores take about half the time. The thread count is fixed
-    because it can move a result by float noise (ProMetaR's double backward sums in another order with two threads),
-    so every --jobs gives the same table. A failed run stops the others and raises its last error line."""
+    `threads` torch threads, starting the next as soon as any one finishes; a run whose results.json exists is
+    skipped, an interrupted one resumes from its checkpoint (--resume). `devices`: GPU ids, one run on each at a time
+    (CUDA_VISIBLE_DEVICES), jobs = their number. The testbed's small models gain nothing from a second thread (CoOp:
+    the same seconds with one or two), and the thread count can move a result by float noise (ProMetaR's double
+    backward sums in another order with two threads), so the testbed fixes it to one: every --jobs gives the same
+    table. A failed run stops the others and raises its last error line; keep_going=True lets the others finish and
+    returns the failures instead, [(argv, error line, log file)], the logs kept in `logs` (default: a temporary
+    folder, with the runs' output discarded)."""
     todo = [argv for argv in runs if not os.path.exists(os.path.join(argv[argv.index("--output-dir") + 1],
                                                                      "results.json"))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(TESTBED_THREADS)}
-    running = []  # (argv, process, the file of its stderr: a pipe nobody reads could fill and stall the run)
-    with tempfile.TemporaryDirectory() as logs:
+    slots = [str(d) for d in devices] if devices else [None] * jobs
+    running, failures = [], []  # (argv, process, its log file: a pipe nobody reads could fill and stall the run, slot)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(logs or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
         while todo or running:
-            while todo and len(running) < jobs:
-                argv, log = todo.pop(0), os.path.join(logs, f"{len(todo)}.err")
-                with open(log, "w") as stderr:  # the process writes to its own copy of the file
-                    running.append((argv, subprocess.Popen([sys.executable, "train.py", *argv, "--no-progress", "--resume"],
-                                                           env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
-                                                           stdout=subprocess.DEVNULL, stderr=stderr), log))
+            while todo and len(running) < len(slots):
+                argv = todo.pop(0)
+                slot = next(s for s in slots if s not in {r[3] for r in running}) if devices else None
+                log = folder / (run_name(argv) + ".log")
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+                       **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {})}
+                with open(log, "w") as out:  # the process writes to its own copy of the file
+                    process = subprocess.Popen([sys.executable, *train_command(argv)[1:]], env=env,
+                                               cwd=os.path.dirname(os.path.abspath(__file__)),
+                                               stdout=out if logs else subprocess.DEVNULL, stderr=out)
+                running.append((argv, process, log, slot))
             finished = [run for run in running if run[1].poll() is not None]
             if not finished:
                 time.sleep(POLL_SECONDS)
-            for argv, process, log in finished:
-                running.remove((argv, process, log))
-                if process.returncode:
-                    for _, other, _ in running:
-                        other.kill()
-                        other.wait()
-                    lines = Path(log).read_text().strip().splitlines()
-                    why = lines[-1] if lines else f"exit status {process.returncode}"
-                    raise RuntimeError(f"train.py {' '.join(argv)} failed: {why}")
+            for run in finished:
+                running.remove(run)
+                argv, process, log, _ = run
+                if not process.returncode:
+                    continue
+                lines = Path(log).read_text().strip().splitlines()
+                why = lines[-1] if lines else f"exit status {process.returncode}"
+                if keep_going:
+                    failures.append((argv, why, str(log)))
+                    continue
+                for other in running:
+                    other[1].kill()
+                    other[1].wait()
+                raise RuntimeError(f"train.py {' '.join(argv)} failed: {why}")
+    return failures
+
+
+def run_name(argv) -> str:
+    """A file name for a run's log: its output folder's path, flattened."""
+    return argv[argv.index("--output-dir") + 1].strip("/").replace("/", "_")
+
+
+GRID_SEEDS = (1, 2, 3)  # the papers' seeds
+GRID_DATASETS = {"base2new": evaluation.DATASET_ORDER, "fewshot": evaluation.DATASET_ORDER,
+                 "cross_dataset": ("imagenet",), "domain_generalization": ("imagenet",),
+                 "multi_source_dg": ("pacs", "vlcs", "office_home", "domainnet")}  # --datasets all, per protocol
+
+
+def grid_runs(methods, datasets, seeds, shots, protocol: str, root: str, output: str, extra=()) -> list:
+    """train.py argument lists of a grid (methods x datasets x shots x seeds, one protocol), each checked by train.py's
+    own parser and written where train.py would write it, under `output` instead of output/ (multi-source DG: every
+    held-out domain in turn, --target-domain all). `extra`: more train.py flags, the same for every run."""
+    runs = []
+    for dataset, method, k, seed in itertools.product(datasets, methods, shots, seeds):
+        argv = ["--method", method, "--dataset", dataset, "--root", root, "--protocol", protocol, "--shots", str(k),
+                "--seed", str(seed), *(["--target-domain", "all"] if protocol == "multi_source_dg" else []), *extra]
+        default = Path(train.parse_args(argv).output_dir)  # output/<protocol>/<dataset>/<method>/shots_K/seed_S[/all]
+        runs.append([*argv, "--output-dir", str(Path(output) / default.relative_to("output"))])
+    return runs
+
+
+def slurm_array(runs, logs: str) -> str:
+    """A SLURM batch script running `runs` as a job array, one array task (one GPU) per run, each task the command
+    line the local runner uses (train_command: resumable, so a requeued task continues)."""
+    lines = ["#!/bin/bash", "#SBATCH --job-name=prompt-grid", f"#SBATCH --array=0-{len(runs) - 1}",
+             "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8", f"#SBATCH --output={logs}/%A_%a.log",
+             f"cd {shlex.quote(os.path.dirname(os.path.abspath(__file__)))}", "RUNS=("]
+    lines += [f"  {shlex.quote(shlex.join(train_command(argv)))}" for argv in runs]
+    lines += [")", 'eval "${RUNS[$SLURM_ARRAY_TASK_ID]}"']
+    return "\n".join(lines) + "\n"
+
+
+def run_grid(runs, protocol: str, output: str, jobs: int) -> tuple:
+    """Every run of a grid, `jobs` at a time (on CUDA: one per visible GPU), the others going on past a failure;
+    returns eval.py's tables of the protocol's folder and the failures (error line and log file each)."""
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else None
+    threads = max(1, (os.cpu_count() or 1) // (len(gpus) if gpus else jobs))
+    failures = train_in_parallel(runs, jobs, threads=threads, devices=gpus, keep_going=True,
+                                 logs=os.path.join(output, "logs"))
+    folder = os.path.join(output, protocol)
+    if not os.path.isdir(folder):
+        return "", failures
+    tables = subprocess.run([sys.executable, "eval.py", "table", "--output", os.path.abspath(folder)],
+                            cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, check=False)
+    return tables.stdout.strip(), failures
 
 
 def testbed_runs(seeds, root: str, output: str, dg_shots=DG_SHOTS) -> list:
@@ -337,13 +410,24 @@ SUBCOMMANDS = """what:
             Runs for HOURS: about 3.5 hours on 2 CPU cores (--jobs 2); resumable, finished runs are kept
   gram      GRAM's testbed comparison: meta-training, then CoOp and IVLP with and without it, 10 seeds.
             Runs for HOURS on a CPU; resumable like testbed
+  grid      any grid of train.py runs: --methods x --datasets x --shots x --seeds, one --protocol, --jobs at a time
+            (on CUDA one run per visible GPU), finished runs skipped, failures reported, then eval.py's tables;
+            --slurm FILE writes it as a SLURM job array instead. Real datasets at ViT-B/16: hours to days
 """
 
 
 def main():
     parser = data.ArgumentParser(description=__doc__.splitlines()[0], epilog=SUBCOMMANDS,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=[*CASES, "testbed", "gram"], help="what to measure (below)")
+    parser.add_argument("what", choices=[*CASES, "testbed", "gram", "grid"], help="what to measure or run (below)")
+    parser.add_argument("--methods", nargs="+", default=["prometar"], help="grid: train.py methods")
+    parser.add_argument("--datasets", nargs="+", default=["world"], help="grid: datasets, or all (the protocol's)")
+    parser.add_argument("--shots", nargs="+", default=["16"], help="grid: shots per class (train.py --shots)")
+    parser.add_argument("--protocol", default="base2new", choices=train.PROTOCOLS, help="grid: the protocol")
+    parser.add_argument("--train-args", default="", help='grid: more train.py flags for every run, one string, '
+                        'e.g. "--precision bf16"')
+    parser.add_argument("--slurm", default=None, metavar="FILE", help="grid: write the grid as a SLURM job array to "
+                        "FILE (sbatch FILE) instead of running it here")
     parser.add_argument("--case", choices=[c for cases in CASES.values() for c in cases] + ["learner"],
                         help="run one case in this process (used internally)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -362,10 +446,14 @@ def main():
                         help="testbed, gram: train.py runs at a time, each with its share of the cores (default: one a core)")
     parser.add_argument("--dg-shots", type=int, nargs="+", default=list(DG_SHOTS), help="testbed DG shots")
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
-    parser.add_argument("--output", default="output/testbed", help="testbed: where runs are written")
+    parser.add_argument("--output", default=None, help="where runs are written (testbed, gram: output/testbed; grid: "
+                        "output)")
     args = parser.parse_args()
     if args.what in ("testbed", "gram") and args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give at least 1 run at a time")
+    if args.what == "grid":
+        return grid_main(args)
+    args.output = args.output or "output/testbed"
     if args.what == "testbed":
         print(run_testbed(args.seeds or TESTBED_SEEDS, args.root, args.output, args.dg_shots, args.jobs))
         return
@@ -412,8 +500,28 @@ def main():
         print(row)
 
 
+def grid_main(args) -> int:
+    """`benchmark.py grid`: the grid's runs here (or its SLURM array), then its tables and its failures."""
+    datasets = GRID_DATASETS[args.protocol] if args.datasets == ["all"] else args.datasets
+    output = os.path.abspath(args.output or "output")
+    runs = grid_runs(args.methods, datasets, args.seeds or GRID_SEEDS, args.shots, args.protocol,
+                     os.path.abspath(args.root), output, shlex.split(args.train_args))
+    if args.slurm:  # SLURM does not make the folder of its --output files
+        os.makedirs(os.path.join(output, "logs"), exist_ok=True)
+        Path(args.slurm).write_text(slurm_array(runs, os.path.join(output, "logs")))
+        print(f"wrote {len(runs)} runs as a SLURM job array to {args.slurm}: sbatch {args.slurm}")
+        return 0
+    for name in set(datasets) & set(testbed.DATASETS):  # made once, before parallel runs read them
+        testbed.ensure_dataset(name, os.path.abspath(args.root))
+    tables, failures = run_grid(runs, args.protocol, output, args.jobs)
+    print(tables)
+    for argv, why, log in failures:
+        print(f"failed: train.py {shlex.join(argv)}: {why} (log: {log})", file=sys.stderr)
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main())
     except RuntimeError as e:  # a testbed run failed: its error line
         sys.exit(f"error: {e}")

@@ -3904,3 +3904,31 @@ def test_paper_to_code_maps_name_code_that_exists(method):
             for attribute in attributes:
                 assert hasattr(target, attribute), f"{method}.md: {ref} does not exist"
                 target = getattr(target, attribute)
+
+
+def test_grid_runs_its_runs_reports_failures_and_writes_the_same_runs_as_a_slurm_array(harness, tmp_path):
+    """`benchmark.py grid`: methods x datasets x seeds through train.py where train.py would write them (under
+    --output), a failing run reported with its error line and log without stopping the others, then eval.py's
+    table of the runs; --slurm writes the same command lines as a job array."""
+    import benchmark
+    extra = f"--backbone {harness / 'tiny.pt'} --num-workers 0 --epochs 1 --n-ctx 4"
+    argv = ["grid", "--methods", "coop", "zeroshot", "--datasets", "synthetic", "dtd", "--seeds", "1",
+            "--shots", "2", "--root", harness / "data", "--output", tmp_path / "out", "--jobs", "2", "--train-args",
+            extra]  # DTD is not in the harness's data: its runs fail
+    result = run_cli("benchmark.py", *argv, home=tmp_path)
+    assert result.returncode == 1
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 2 and all("dtd" in line and "not found" in line and "(log: " in line for line in failed)
+    for method in ("coop", "zeroshot"):
+        results = json.loads((tmp_path / "out" / "base2new" / "synthetic" / method / "shots_2" / "seed_1" /
+                              "results.json").read_text())
+        assert f"| {method} (2-shot) | synthetic | 1 | {results['splits']['base']['accuracy']:.2f} ± 0.00 | " \
+            in result.stdout
+    slurm = run_cli("benchmark.py", *argv, "--slurm", tmp_path / "grid.sbatch", home=tmp_path)
+    assert slurm.returncode == 0 and "4 runs" in slurm.stdout
+    script = (tmp_path / "grid.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in script
+    commands = [shlex.split(shlex.split(line)[0]) for line in script.split("RUNS=(\n")[1].split("\n)")[0].splitlines()]
+    grid = benchmark.grid_runs(["coop", "zeroshot"], ["synthetic", "dtd"], [1], ["2"], "base2new",
+                               str(harness / "data"), str(tmp_path / "out"), shlex.split(extra))
+    assert commands == [benchmark.train_command(run) for run in grid]
