@@ -3932,3 +3932,30 @@ def test_grid_runs_its_runs_reports_failures_and_writes_the_same_runs_as_a_slurm
     grid = benchmark.grid_runs(["coop", "zeroshot"], ["synthetic", "dtd"], [1], ["2"], "base2new",
                                str(harness / "data"), str(tmp_path / "out"), shlex.split(extra))
     assert commands == [benchmark.train_command(run) for run in grid]
+
+
+def test_readme_is_a_first_read_and_its_links_resolve():
+    """README: at most 250 lines, set-up, default run and tests as commands in its first 40 lines, every relative
+    link (README and docs/) to a file that exists, and the claims table; the project never cites shared/."""
+    import re
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert len(readme) <= 250
+    first = "\n".join(readme[:40])
+    for command in ("pip install", "\npython train.py\n", "\npython -m pytest -q test_all.py\n"):
+        assert command in first, command
+    assert "## What the testbed says about the papers' claims" in "\n".join(readme)
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+        assert "shared/" not in text, page.name
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert (page.parent / target).exists(), (page.name, target)
+
+
+def test_each_method_step_reads_in_forty_lines():
+    """prometar_step, metaprompt_step and gram_step stay at most 40 lines each: torchrun's shares and fp16's loss
+    scaling live in helpers, so each reads top to bottom as its paper's algorithm."""
+    import inspect
+
+    import train
+    for step in (train.prometar_step, train.metaprompt_step, train.gram_step):
+        assert len(inspect.getsource(step).splitlines()) <= 40, step.__name__
