@@ -34,6 +34,7 @@ without GRAM it shares.
 
 import argparse
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -270,12 +271,12 @@ def run_grid(runs, protocol: str, output: str, jobs: int) -> tuple:
     threads = max(1, (os.cpu_count() or 1) // (len(gpus) if gpus else jobs))
     failures = train_in_parallel(runs, jobs, threads=threads, devices=gpus, keep_going=True,
                                  logs=os.path.join(output, "logs"))
-    folder = os.path.join(output, protocol)
-    if not os.path.isdir(folder):
+    folder = Path(output) / protocol
+    if not any(folder.rglob("results.json")):  # every run failed
         return "", failures
-    tables = subprocess.run([sys.executable, "eval.py", "table", "--output", os.path.abspath(folder)],
-                            cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, check=False)
-    return tables.stdout.strip(), failures
+    with contextlib.redirect_stdout(io.StringIO()) as tables:
+        evaluation.main(["table", "--output", str(folder)])
+    return tables.getvalue().strip(), failures
 
 
 def testbed_runs(seeds, root: str, output: str, dg_shots=DG_SHOTS) -> list:

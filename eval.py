@@ -106,8 +106,8 @@ def scan(output) -> list:
             method = config.get("method", "?") + ("+gram" if config.get("gram_sha256") else "")
         shots = config.get("shots", int(parts[-2].removeprefix("shots_")) if laid_out and
                            parts[-2].removeprefix("shots_").isdigit() else BASE2NEW_SHOTS)
-        label = row_name(method, f"shots_{data.shots_name(shots)}") if protocol != "multi_source_dg" and \
-            protocol != "fewshot" else method
+        label = method if protocol in ("fewshot", "multi_source_dg") else \
+            row_name(method, f"shots_{data.shots_name(shots)}")  # there the shots are a column
         records.append({"protocol": protocol, "dataset": dataset, "label": label, "shots": shots,
                         "seed": result.get("seed", config.get("seed")), "target": config.get("target_domain"),
                         "identity": data.run_identity(config, "seed", "shots", "dataset", "root", "target_domain"),
@@ -125,7 +125,9 @@ def distinguish_configurations(records: list) -> list:
         identities = [m["identity"] for m in members]
         keys = sorted({k for i in identities for k in i})
         differing = [k for k in keys if len({json.dumps(i.get(k), sort_keys=True) for i in identities}) > 1]
-        for m in members if differing else []:
+        if not differing:
+            continue
+        for m in members:
             m["label"] += " [" + ", ".join(f"{k} {m['identity'].get(k)}" for k in differing) + "]"
     return records
 
@@ -139,33 +141,39 @@ def row_name(method: str, shots_folder: str) -> str:
     return method if not shots.isdigit() or int(shots) == BASE2NEW_SHOTS else f"{method} ({shots}-shot)"
 
 
-def collect(output) -> dict:
-    """Base-to-new runs: {row label: {dataset: [results.json of each seed]}} (scan)."""
-    runs = {}
+def collect_all(output) -> dict:
+    """Every run under `output` (one scan), grouped for the tables: "base2new": {row label: {dataset: [results.json
+    of each seed]}}; "fewshot": {(row label, dataset, shots): [results.json of each seed]}; "multi_source_dg":
+    {(row label, dataset, shots): {seed: {target: accuracy}}}, from the per-target results that `--target-domain
+    all` writes; "transfer" (cross-dataset and ImageNet DG): {(protocol, source dataset): {row label: [results]}}."""
+    runs = {"base2new": {}, "fewshot": {}, "multi_source_dg": {}, "transfer": {}}
     for r in scan(output):
+        label, dataset, result = r["label"], r["dataset"], r["result"]
         if r["protocol"] == "base2new":
-            runs.setdefault(r["label"], {}).setdefault(r["dataset"], []).append(r["result"])
+            runs["base2new"].setdefault(label, {}).setdefault(dataset, []).append(result)
+        elif r["protocol"] == "fewshot":
+            runs["fewshot"].setdefault((label, dataset, r["shots"]), []).append(result)
+        elif r["protocol"] == "multi_source_dg":
+            runs["multi_source_dg"].setdefault((label, dataset, r["shots"]), {}).setdefault(r["seed"], {})[
+                r["target"]] = result["splits"]["test"]["accuracy"]
+        elif r["protocol"] in PUBLISHED_TRANSFER:
+            runs["transfer"].setdefault((r["protocol"], dataset), {}).setdefault(label, []).append(result)
     return runs
+
+
+def collect(output) -> dict:
+    """Base-to-new runs (collect_all)."""
+    return collect_all(output)["base2new"]
 
 
 def collect_fewshot(output) -> dict:
-    """Few-shot runs (all classes): {(row label, dataset, shots): [results.json of each seed]} (scan)."""
-    runs = {}
-    for r in scan(output):
-        if r["protocol"] == "fewshot":
-            runs.setdefault((r["label"], r["dataset"], r["shots"]), []).append(r["result"])
-    return runs
+    """Few-shot runs over all classes (collect_all)."""
+    return collect_all(output)["fewshot"]
 
 
 def collect_dg(output) -> dict:
-    """Multi-source DG runs: {(row label, dataset, shots): {seed: {target: accuracy}}}, from the per-target results
-    that `--target-domain all` writes (<dataset>/<method>/shots_K/seed_S/<target>/results.json) (scan)."""
-    runs = {}
-    for r in scan(output):
-        if r["protocol"] == "multi_source_dg":
-            runs.setdefault((r["label"], r["dataset"], r["shots"]), {}).setdefault(r["seed"], {})[r["target"]] = \
-                r["result"]["splits"]["test"]["accuracy"]
-    return runs
+    """Multi-source DG runs (collect_all)."""
+    return collect_all(output)["multi_source_dg"]
 
 
 def fewshot_table(runs: dict) -> str:
@@ -173,7 +181,8 @@ def fewshot_table(runs: dict) -> str:
     lines = ["| method | dataset | shots | seeds | accuracy |", "|---|---|---|---|---|"]
     for (label, dataset, shots), results in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         mean, spread = seed_mean(results, "test")
-        lines.append(f"| {label} | {dataset} | {data.shots_name(shots)} | {len(results)} | {mean:.2f} ± {spread:.2f} |")
+        lines.append(f"| {label} | {dataset} | {data.shots_name(shots)} | {len(results)} | "
+                     f"{mean:.2f} ± {spread:.2f} |")
     return "\n".join(lines)
 
 
@@ -244,13 +253,8 @@ TRANSFER_ORDER = DATASET_ORDER + ["imagenetv2", "imagenet_sketch", "imagenet_a",
 
 
 def collect_transfer(output) -> dict:
-    """Cross-dataset and ImageNet-DG runs: {(protocol, source dataset): {row label: [results.json of each seed]}}
-    (scan)."""
-    runs = {}
-    for r in scan(output):
-        if r["protocol"] in PUBLISHED_TRANSFER:
-            runs.setdefault((r["protocol"], r["dataset"]), {}).setdefault(r["label"], []).append(r["result"])
-    return runs
+    """Cross-dataset and ImageNet-DG runs (collect_all)."""
+    return collect_all(output)["transfer"]
 
 
 def transfer_table(protocol: str, source: str, per_method: dict) -> str:
@@ -485,9 +489,12 @@ def table_json(runs: dict, dg_runs: dict, baseline=None) -> dict:
 
 def fewshot_json(runs: dict) -> list:
     """collect_fewshot's rows for machines: mean and std of the accuracy over seeds."""
-    return [{"method": label, "dataset": dataset, "shots": data.shots_name(shots),
-             "seeds": sorted(r["seed"] for r in results), "accuracy": seed_mean(results, "test")[0],
-             "accuracy_std": seed_mean(results, "test")[1]} for (label, dataset, shots), results in runs.items()]
+    rows = []
+    for (label, dataset, shots), results in runs.items():
+        mean, spread = seed_mean(results, "test")
+        rows.append({"method": label, "dataset": dataset, "shots": data.shots_name(shots),
+                     "seeds": sorted(r["seed"] for r in results), "accuracy": mean, "accuracy_std": spread})
+    return rows
 
 
 def checkpoint_learner(ckpt, clip, classnames, dataset):
@@ -646,11 +653,11 @@ def main(argv=None):
     table.add_argument("--json", action="store_true", help="the numbers as one JSON object instead of markdown")
     args = parser.parse_args(argv)
     if args.command == "table":
-        runs, dg_runs = collect(args.output), collect_dg(args.output)
-        transfer, fewshot = collect_transfer(args.output), collect_fewshot(args.output)
         if not Path(args.output).exists():
             raise FileNotFoundError(f"--output {args.output} does not exist; pass the folder train.py wrote into "
                                     "(output, or one protocol's or one run's folder)")
+        found = collect_all(args.output)
+        runs, dg_runs, transfer, fewshot = (found[k] for k in ("base2new", "multi_source_dg", "transfer", "fewshot"))
         if not runs and not dg_runs and not transfer and not fewshot:
             raise FileNotFoundError(f"no results.json of a finished train.py run under {args.output}")
         in_b2n = args.baseline in runs

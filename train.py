@@ -1,10 +1,10 @@
 """Train a prompt learner on few shots and evaluate it: the CoOp-family protocols in one flat script.
 
 `python train.py` with no arguments runs ProMetaR on the offline testbed (`--dataset world`, the shipped small CLIP,
-about a minute on a 2-core CPU). `python train.py --dataset dtd --root DATA --method ivlp --shots 16` trains IVLP on DTD's base classes
-(base-to-new, CoCoOp arXiv:2203.05557v2 Sec. 4.1) and writes `results.json` (base, new, HM) and the prompts into
-`output/base2new/dtd/ivlp/shots_16/seed_1/`. Methods: zero-shot CLIP, CoOp (arXiv:2109.01134v6), CoCoOp
-(arXiv:2203.05557v2), IVLP (MaPLe arXiv:2210.03117v3 Sec. 4), MaPLe (same paper, Sec. 3), PromptSRC
+about a minute on a 2-core CPU). `python train.py --dataset dtd --root DATA --method ivlp --shots 16` trains IVLP on
+DTD's base classes (base-to-new, CoCoOp arXiv:2203.05557v2 Sec. 4.1) and writes `results.json` (base, new, HM)
+and the prompts into `output/base2new/dtd/ivlp/shots_16/seed_1/`. Methods: zero-shot CLIP, CoOp
+(arXiv:2109.01134v6), CoCoOp (arXiv:2203.05557v2), IVLP (MaPLe arXiv:2210.03117v3 Sec. 4), MaPLe (same paper, Sec. 3), PromptSRC
 (arXiv:2307.06948v2); defaults per method are the official configs.
 Optimisation as Dassl: SGD, one constant warm-up epoch, then cosine decay stepped per epoch; the final model is
 the last epoch's (no validation-based selection), as in all three papers.
@@ -303,10 +303,9 @@ def default_output_dir(args) -> str:
     a GRAM file as <method>+gram, an --eval-only run in a folder of its own."""
     dataset = data.folder_run_name(args.root) if args.dataset == "folder" else args.dataset
     method = f"{args.method}+gram" if args.gram else args.method
+    target = [str(args.target_domain)] if args.protocol == "multi_source_dg" and args.target_domain else []
     return os.path.join("output", args.protocol, dataset, method, f"shots_{data.shots_name(args.shots)}",
-                        f"seed_{args.seed}",
-                        *([str(args.target_domain)] if args.protocol == "multi_source_dg" and args.target_domain else []),
-                        *([f"eval_{args.subsample}"] if args.eval_only else []))
+                        f"seed_{args.seed}", *target, *([f"eval_{args.subsample}"] if args.eval_only else []))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -853,9 +852,14 @@ def virtual_task_shares(args, batch, query, support, partner, lam) -> tuple:
 
 
 def backward_over_processes(args, scaler, loss, modules, optimizers):
-    """The backward pass of a (fp16: scaled) loss, the gradients of `modules` summed over processes (torchrun), then
-    unscaled where the optimizers will step (fp16: GradScaler checks them for inf there)."""
+    """The backward pass of a (fp16: scaled) loss, then summed_and_unscaled."""
     scaler.scale(loss).backward()
+    summed_and_unscaled(args, scaler, modules, optimizers)
+
+
+def summed_and_unscaled(args, scaler, modules, optimizers):
+    """The gradients of `modules` summed over processes (torchrun), then unscaled where the optimizers will step
+    (fp16: GradScaler checks them for inf there)."""
     reduce_gradients(args, modules)
     for optimizer in optimizers:
         scaler.unscale_(optimizer)
@@ -1091,7 +1095,8 @@ def main(args):
             view_batches(views, train, args.batch_size, args.seed * EPOCH_SEED_STRIDE + epoch)
         learner.train()
         bar = progress(loader, f"epoch {epoch + 1}/{args.epochs}", args.no_progress)
-        tick, epoch_start, seen = time.perf_counter(), time.perf_counter(), []
+        tick = epoch_start = time.perf_counter()
+        seen = []  # (loss, accuracy) of each iteration, for --no-progress's epoch line
         for iteration, batch in enumerate(bar):
             images, labels = batch["img"].to(device, non_blocking=True), batch["label"].to(device)
             if gate is not None:
@@ -1266,9 +1271,7 @@ def accumulate(logged: dict, n: int, **values):
 def clipped_steps(args, scaler, modules, optimizers, max_norm: float):
     """The gradients of `modules` summed over processes (torchrun) and unscaled (fp16), each module's clipped to
     `max_norm` on its own, then every optimizer's step and the loss scale's update."""
-    reduce_gradients(args, modules)
-    for optimizer in optimizers:
-        scaler.unscale_(optimizer)
+    summed_and_unscaled(args, scaler, modules, optimizers)
     for module in modules:
         torch.nn.utils.clip_grad_norm_(list(module.values() if isinstance(module, dict) else module.parameters()),
                                        max_norm)
