@@ -4,8 +4,8 @@
 the image forward (batch 4, 224 px) and the text forward for 47 prompts (DTD's class count) with and without
 truncation to the longest prompt. Each case runs in a fresh process, so its peak resident memory (ru_maxrss,
 weights included) is its own. Reported time: median over repeats after one warm-up, under `torch.no_grad()`.
-`python benchmark.py methods` times one training iteration of CoOp, CoCoOp, IVLP, MaPLe, PromptSRC and ProMetaR (step A
-+ the second-order meta step) at ViT-B/16, batch 4 for every method (CoCoOp's config trains with batch 1), 24
+`python benchmark.py methods` times one training iteration of CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, ProMetaR (step A
++ the second-order meta step) and MetaPrompt (its step and split update) at ViT-B/16, batch 4 for every method (CoCoOp's config trains with batch 1), 24
 classes (DTD's base classes, the setting
 where the official ProMetaR code, mlvlab/ProMetaR @ c907bdb, took 41 s and 12.8 GB per iteration on a 2-core CPU),
 the same way.
@@ -30,6 +30,9 @@ at 1, 4 and 16 shots (base-to-new on `world`) and at 1 and 5 shots (DG on `world
 (`--jobs` as for `testbed`), and prints the two tables (methods named coop+gram, ivlp+gram) and GRAM's paired
 differences (each method with its GRAM file minus without, same shots and seed). Resumable like `testbed`, whose runs
 without GRAM it shares.
+
+`python benchmark.py grid` runs any grid of train.py runs (or writes it as a SLURM job array), and `python benchmark.py
+gpu` checks the CUDA path in one script and writes a report (docs/performance.md).
 """
 
 import argparse
@@ -64,7 +67,7 @@ DTD_CLASSES = 47  # DTD (CoOp split_zhou_DescribableTextures.json)
 BATCH = 4  # ProMetaR / PromptSRC configs DATALOADER.TRAIN_X.BATCH_SIZE
 BASE_CLASSES = 24  # DTD base classes: ceil(47 / 2) (CoCoOp subsample_classes)
 CASES = {"clip": ("image", "text_truncated", "text_full"),
-         "methods": ("coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar"),
+         "methods": ("coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt"),
          "eval": ("eval_coop", "eval_coop_cached", "eval_ivlp")}
 REFERENCE_CASES = ("image", "learner")  # methods' units, same run: an image forward; IVLP's image + 24-class text
 EVAL_BATCH = 100  # Dassl DATALOADER.TEST.BATCH_SIZE
@@ -84,9 +87,12 @@ def training_step(method: str, model, precision: str = "fp32", backbone: str = "
     templates = ["a photo of a {}.", "art of the {}."]  # two stand-ins: the teacher is computed once, not timed
     teacher = prompts.FrozenTeacher(model, classnames, templates) if method in ("promptsrc", "prometar") else None
     scaler = torch.amp.GradScaler(enabled=False)
+    if method == "metaprompt":  # two domains, so that a DG-style split exists; base-to-new splits the classes
+        domains = torch.arange(BATCH, device=device) % 2
+        return lambda: train.metaprompt_step(args, learner, optimizer, images, labels, domains)
     if method != "prometar":
         return lambda: train.sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device.type)
-    gate = meta.GradientModulator({k: v.shape for k, v in params.items()})
+    gate = meta.GradientModulator({k: v.shape for k, v in params.items()}).to(device)
     gate_optimizer = torch.optim.SGD(gate.parameters(), lr=args.regularizer_lr, momentum=train.MOMENTUM)
     return lambda: train.prometar_step(args, learner, teacher, gate, optimizer, gate_optimizer, images, labels)
 
@@ -120,6 +126,8 @@ def run_case(case: str, repeats: int, precision: str = "fp32", plain: bool = Fal
              backbone: str = "ViT-B/16") -> dict:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, as train.py
+    if device == "cuda":  # this case's own peak (the GPU check runs many cases in one process)
+        torch.cuda.reset_peak_memory_stats()
     model = clip_model.CLIP(**VIT_B16).to(device).eval() if backbone == "ViT-B/16" else \
         clip_model.load(backbone, device=device)
     if compile_:  # as train.py --compile; the warm-up iteration (not timed) compiles
@@ -402,9 +410,146 @@ def gram_difference_table(b2n_output: str, dg: dict) -> str:
     return "\n".join(lines)
 
 
+# --- `benchmark.py gpu`: the CUDA path in one script (issue #29) ---------------------------------------------------
+GPU_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt")
+GPU_PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_RUN_SLACK = 2.0  # accuracy points: the default run on CUDA against the CPU's (8 epochs of few-shot training
+# turn last-bit differences into a few flipped test images; the README's two CPUs differ by 0.17)
+TORCHRUN_TOLERANCE = (1e-4, 1e-5)  # (rtol, atol) of 2 processes' prompts against one's (summation order)
+QUICK = {"tests": "promptsrc_step or (resume_equals_uninterrupted_run and not prometar and not metaprompt)",
+         "methods": ("zeroshot", "coop"), "seeds": (1, 2), "train": ("--epochs", "1")}  # the CPU mode, CI-sized
+
+
+def timed(name: str, fn) -> dict:
+    """Run one check: {"check", "ok", "seconds", **what fn returns} (an exception is a failed check, its line kept)."""
+    start = time.perf_counter()
+    try:
+        result = {"ok": True, **fn()}
+    except Exception as e:  # noqa: BLE001 - a failed check is reported, and the others still run
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    return {"check": name, **result, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def gpu_tests(device: str, selection: str | None) -> dict:
+    """The tests marked `device` (pytest -m device) with TEST_DEVICE=device; ok when all pass."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_all.py", "-m", "device",
+               *(["-k", selection] if selection else [])]
+    done = subprocess.run(command, check=False, capture_output=True, text=True,
+                          env={**os.environ, "TEST_DEVICE": device}, cwd=os.path.dirname(os.path.abspath(__file__)))
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
+    if done.returncode:
+        raise RuntimeError(f"{summary}\n{done.stdout[-3000:]}")
+    return {"summary": summary}
+
+
+def testbed_run(method: str, seed: int, root: str, output: str, extra=()) -> list:
+    """train.py arguments of one base-to-new testbed run."""
+    return ["--method", method, "--seed", str(seed), "--root", root, "--dataset", "world", *extra,
+            "--output-dir", f"{output}/base2new/world/{method}/shots_16/seed_{seed}"]
+
+
+def gpu_default_runs(device: str, methods, root: str, output: str, extra) -> dict:
+    """One testbed run per method on `device` (in parallel), and ProMetaR's (or the first method's) also on the CPU:
+    its base / new / HM on both, within DEFAULT_RUN_SLACK points."""
+    runs = [testbed_run(m, 1, root, f"{output}/{device}", [*extra, "--device", device]) for m in methods]
+    reference = "prometar" if "prometar" in methods else methods[-1]
+    runs.append(testbed_run(reference, 1, root, f"{output}/cpu", [*extra, "--device", "cpu"]))
+    train_in_parallel(runs, jobs=len(runs), threads=max(1, (os.cpu_count() or 1) // len(runs)))
+    read = lambda where, m: json.loads(Path(f"{output}/{where}/base2new/world/{m}/shots_16/seed_1/results.json")
+                                       .read_text())
+    results = {m: read(device, m)["splits"] for m in methods}
+    ours, cpu = read(device, reference), read("cpu", reference)
+    gaps = {k: abs(ours["splits"][s]["accuracy"] - cpu["splits"][s]["accuracy"]) for k, s in
+            (("base", "base"), ("new", "new"))}
+    gaps["hm"] = abs(ours["hm"] - cpu["hm"])
+    if max(gaps.values()) > DEFAULT_RUN_SLACK:
+        raise RuntimeError(f"{reference} on {device} is {gaps} points from the CPU's (allowed {DEFAULT_RUN_SLACK})")
+    return {"reference": reference, "gaps_to_cpu": gaps,
+            "wall_seconds": {m: read(device, m)["wall_time_s"] for m in methods},
+            "accuracy": {m: {k: v["accuracy"] for k, v in r.items()} for m, r in results.items()}}
+
+
+def gpu_iterations(backbone: str, precisions, repeats: int) -> dict:
+    """Every method's iteration (batch 4, 24 classes) and evaluation (100 images) in each precision, in this
+    process: seconds, images/s, peak memory (device memory on CUDA)."""
+    rows = [run_case(case, repeats, precision, backbone=backbone) for precision in precisions
+            for case in CASES["methods"]]
+    rows += [run_case(case, repeats, "fp32", backbone=backbone) for case in CASES["eval"]]
+    return {"rows": rows}
+
+
+def gpu_testbed_table(methods, seeds, root: str, output: str, extra) -> dict:
+    """The testbed's base-to-new table over `seeds`, the runs in parallel on the one device (one a core)."""
+    runs = [testbed_run(m, seed, root, output, extra) for seed in seeds for m in methods]
+    train_in_parallel(runs, jobs=min(len(runs), os.cpu_count() or 1), threads=1)  # a core each feeds the GPU
+    return {"table": evaluation.markdown_table(evaluation.collect(f"{output}/base2new"))}
+
+
+def gpu_torchrun(device: str, method: str, root: str, output: str, extra) -> dict:
+    """One testbed run under torchrun with 2 processes (on one GPU they share it through gloo) against one process:
+    the same prompts within TORCHRUN_TOLERANCE."""
+    common = ["--method", method, "--root", root, "--dataset", "world", "--device", device, "--no-progress", *extra]
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", "2"])):
+        done = subprocess.run([sys.executable, *launcher, "train.py", *common, "--output-dir", f"{output}/{name}"],
+                              check=False, capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        if done.returncode:
+            raise RuntimeError(f"{name} process(es): {done.stderr.strip().splitlines()[-1:]}")
+    one, two = (torch.load(f"{output}/{r}/prompts.pt", weights_only=True, map_location="cpu") for r in ("one", "two"))
+    rtol, atol = TORCHRUN_TOLERANCE
+    for name, value in one["prompts"].items():
+        torch.testing.assert_close(two["prompts"][name], value, rtol=rtol, atol=atol)
+    return {"method": method, "world_size": two["config"]["world_size"]}
+
+
+def gpu_check(report: str, quick: bool, root: str) -> int:
+    """`benchmark.py gpu`: every check of the CUDA path (on a machine without a GPU, the same on the CPU), one report
+    (report.md, report.json); exit status 1 when a check failed."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(report).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    root = os.path.abspath(root)
+    testbed.ensure_dataset("world", root)
+    methods, seeds = (QUICK["methods"], QUICK["seeds"]) if quick else (GPU_METHODS, TESTBED_SEEDS)
+    extra = QUICK["train"] if quick else ()
+    backbone = train.TESTBED_CHECKPOINT if quick else "ViT-B/16"  # quick: the testbed's small CLIP (3 layers)
+    checks = [timed("tests", lambda: gpu_tests(device, QUICK["tests"] if quick else None)),
+              timed("default runs", lambda: gpu_default_runs(device, methods, root, str(out / "default"), extra)),
+              timed("iterations", lambda: gpu_iterations(backbone, GPU_PRECISIONS, 2 if quick else 10)),
+              timed("testbed table", lambda: gpu_testbed_table(methods, seeds, root, str(out / "testbed"),
+                                                               [*extra, "--device", device])),
+              timed("torchrun", lambda: gpu_torchrun(device, methods[-1] if quick else "prometar", root,
+                                                     str(out / "torchrun"), extra))]
+    facts = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+             "cores": os.cpu_count(), "quick": quick, "backbone": backbone}
+    (out / "report.json").write_text(json.dumps({"facts": facts, "checks": checks}, indent=2))
+    (out / "report.md").write_text(gpu_report_markdown(facts, checks))
+    print(gpu_report_markdown(facts, checks))
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+def gpu_report_markdown(facts: dict, checks) -> str:
+    """report.md: one line per check, then the iteration table and the testbed table."""
+    title = f"# CUDA path check: {facts['device']}, torch {facts['torch']}, {facts['cores']} cores"
+    lines = [title + (" (quick)" if facts["quick"] else ""), "", "| check | ok | seconds | detail |", "|---|---|---|---|"]
+    for c in checks:
+        detail = c.get("error") or c.get("summary") or c.get("gaps_to_cpu") or ""
+        lines.append(f"| {c['check']} | {'yes' if c['ok'] else 'FAILED'} | {c['seconds']} | {detail} |")
+    for c in checks:
+        if c.get("rows"):
+            lines += ["", f"Iterations and evaluation at {facts['backbone']}: seconds, images/s, peak memory (MB)", "",
+                      "| case | precision | seconds | images/s | peak MB |", "|---|---|---|---|---|"]
+            lines += [f"| {r['case']} | {r['precision']} | {r['seconds']:.4f} | {r['images_per_second']:.1f} | "
+                      f"{r['peak_rss_mb']:.0f} |" for r in c["rows"]]
+        if c.get("table"):
+            lines += ["", "Testbed base-to-new:", "", c["table"]]
+    return "\n".join(lines) + "\n"
+
+
 SUBCOMMANDS = """what:
   clip      CLIP ViT-B/16 image and text forwards: seconds, peak memory (a few minutes on a CPU)
-  methods   one training iteration of CoOp, CoCoOp, IVLP, MaPLe, PromptSRC and ProMetaR at ViT-B/16, 24 classes
+  methods   one training iteration of CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, ProMetaR, MetaPrompt at ViT-B/16, 24 classes
             (ProMetaR's iteration alone takes seconds to tens of seconds on a CPU; about 10 minutes in all)
   eval      one test batch of 100 images through CoOp, CoOp from cached features, IVLP: images/s
   testbed   the README's testbed tables: every method, 10 seeds, base-to-new and multi-source DG, through train.py.
@@ -414,13 +559,18 @@ SUBCOMMANDS = """what:
   grid      any grid of train.py runs: --methods x --datasets x --shots x --seeds, one --protocol, --jobs at a time
             (on CUDA one run per visible GPU), finished runs skipped, failures reported, then eval.py's tables;
             --slurm FILE writes it as a SLURM job array instead. Real datasets at ViT-B/16: hours to days
+  gpu       the CUDA path in one script: the device tests (TEST_DEVICE=cuda), one testbed run per method (ProMetaR's
+            against the CPU's), every iteration at ViT-B/16 in fp32 / bf16 / fp16 and evaluation, the testbed's
+            10-seed base-to-new table at once on the GPU, torchrun with 2 processes; --report DIR gets report.md and
+            report.json, exit 1 when a check fails (about 8 minutes on one GPU). Without a GPU it runs on the CPU;
+            --quick is its CI-sized form (the testbed's small CLIP, 2 methods, 2 seeds, 1 epoch)
 """
 
 
 def main():
     parser = data.ArgumentParser(description=__doc__.splitlines()[0], epilog=SUBCOMMANDS,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=[*CASES, "testbed", "gram", "grid"], help="what to measure or run (below)")
+    parser.add_argument("what", choices=[*CASES, "testbed", "gram", "grid", "gpu"], help="what to measure or run (below)")
     parser.add_argument("--methods", nargs="+", default=["prometar"], help="grid: train.py methods")
     parser.add_argument("--datasets", nargs="+", default=["world"], help="grid: datasets, or all (the protocol's)")
     parser.add_argument("--shots", nargs="+", default=["16"], help="grid: shots per class (train.py --shots)")
@@ -449,7 +599,11 @@ def main():
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
     parser.add_argument("--output", default=None, help="where runs are written (testbed, gram: output/testbed; grid: "
                         "output)")
+    parser.add_argument("--report", default="gpu_report", help="gpu: the report's folder")
+    parser.add_argument("--quick", action="store_true", help="gpu: the CI-sized form (the testbed's small CLIP, 2 methods, 2 seeds, 1 epoch)")
     args = parser.parse_args()
+    if args.what == "gpu":
+        return gpu_check(args.report, args.quick, args.root)
     if args.what in ("testbed", "gram") and args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give at least 1 run at a time")
     if args.what == "grid":

@@ -1101,10 +1101,11 @@ class ImageListDataset(Dataset):
 
 
 def build_loader(items, train, batch_size=None, size=IMAGE_SIZE, num_workers=NUM_WORKERS, seed=None,
-                 crop_scale=RRC_SCALE):
+                 crop_scale=RRC_SCALE, pin_memory=None):
     """Dassl build_data_loader: train = RandomSampler (torch Generator seeded with `seed`) and
     drop_last = len(items) >= batch_size; test = sequential, batch 100. Batches: {"img": (B, 3, H, W),
-    "label": (B,), "domain": (B,), "index": (B,)}. Workers, pinned memory on CUDA, persistent workers."""
+    "label": (B,), "domain": (B,), "index": (B,)}. Workers, persistent workers, and pinned memory (for copies to a
+    GPU that overlap the next batch; pin_memory=None: when a GPU is visible)."""
     batch_size = batch_size or (TRAIN_BATCH_SIZE if train else TEST_BATCH_SIZE)
     dataset = ImageListDataset(items, build_transform(train, size, crop_scale))
     if train:
@@ -1114,7 +1115,8 @@ def build_loader(items, train, batch_size=None, size=IMAGE_SIZE, num_workers=NUM
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       generator=generator if train else None,  # also seeds the workers' augmentations
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                      persistent_workers=num_workers > 0,
                       drop_last=train and len(dataset) >= batch_size)
 
 
@@ -1421,10 +1423,10 @@ def folder_run_name(root) -> str:
     return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
-# train.py's flags that do not change a run's results (where it is written, how it is shown, how many processes
+# train.py's flags that do not change a run's results (where it is written, how it is shown, on which device and how many processes
 # share it, whether it was resumed); --gram counts by its file's SHA256 (gram_sha256), not its path
 BOOKKEEPING_FLAGS = ("output_dir", "resume", "overwrite", "no_progress", "num_workers", "download", "rank",
-                     "world_size", "compile", "compile_backend", "gram_checkpoint_every", "gram")
+                     "world_size", "compile", "compile_backend", "gram_checkpoint_every", "gram", "device")
 
 
 def run_identity(config: dict, *also_ignored: str) -> dict:

@@ -144,7 +144,14 @@ def initial_context(clip, ctx_init: str | None, n_ctx: int | None) -> torch.Tens
     N(0, 0.02) random vectors (CoOp / CoCoOp / IVLP / MaPLe)."""
     if ctx_init:
         return word_embeddings(clip, ctx_init, n_ctx)
-    return torch.randn(n_ctx, clip.ln_final.weight.shape[0], device=clip.positional_embedding.device) * PROMPT_INIT_STD
+    return normal_prompts(n_ctx, clip.ln_final.weight.shape[0], device=clip.positional_embedding.device)
+
+
+def normal_prompts(*shape: int, device) -> torch.Tensor:
+    """N(0, 0.02) prompt vectors of `shape`, drawn from the CPU generator and then moved to `device`: the released
+    codes build their learners on the CPU and move them to the GPU afterwards, so a run starts from the same prompts
+    on a CPU and on a GPU."""
+    return (torch.randn(shape) * PROMPT_INIT_STD).to(device)
 
 
 TRUNCATE_TEXT = True  # ours: prompts end after the longest end-of-text token; False: the official 77 tokens
@@ -215,7 +222,7 @@ class CoOp(nn.Module):
         else:
             shape = (len(classnames), n_ctx, clip.ln_final.weight.shape[0]) if class_specific else \
                 (n_ctx, clip.ln_final.weight.shape[0])
-            ctx = torch.randn(shape, device=clip.positional_embedding.device) * PROMPT_INIT_STD
+            ctx = normal_prompts(*shape, device=clip.positional_embedding.device)
         self.ctx = nn.Parameter(ctx)  # (M, D) or (C, M, D)
         self.text = TextPrompts(clip, classnames, self.ctx.shape[-2], ctx_init)
         self.text_prefix = ctx_init  # the words in the context's place when other text (captions) is prompted
@@ -250,7 +257,7 @@ class CoOp(nn.Module):
 
 def deep_prompt_list(n_layers: int, n_tokens: int, width: int, device) -> nn.ParameterList:
     """One (M, W) prompt per transformer block 1..n_layers, N(0, 0.02) (IVLP / ProMetaR `VPT_shallow`)."""
-    return nn.ParameterList([nn.Parameter(torch.randn(n_tokens, width, device=device) * PROMPT_INIT_STD)
+    return nn.ParameterList([nn.Parameter(normal_prompts(n_tokens, width, device=device))
                              for _ in range(n_layers)])
 
 
@@ -272,7 +279,7 @@ class IVLP(nn.Module):
         vision_width = clip.visual.conv1.weight.shape[0]
         self.ctx = nn.Parameter(initial_context(clip, ctx_init, n_ctx_text))  # (M_t, D)
         self.text_deep_prompts = deep_prompt_list(text_depth - 1, self.ctx.shape[0], width, device)
-        self.vision_ctx = nn.Parameter(torch.randn(n_ctx_vision, vision_width, device=device) * PROMPT_INIT_STD) \
+        self.vision_ctx = nn.Parameter(normal_prompts(n_ctx_vision, vision_width, device=device)) \
             if n_ctx_vision else None  # (M_v, Dv); n_ctx_vision=0: a text-only learner
         self.vision_deep_prompts = deep_prompt_list(vision_depth - 1 if n_ctx_vision else 0, n_ctx_vision,
                                                     vision_width, device)
@@ -367,10 +374,11 @@ class MaPLe(nn.Module):
         vision_width = clip.visual.conv1.weight.shape[0]
         self.ctx = nn.Parameter(initial_context(clip, ctx_init, n_ctx))  # P_0 (M, D)
         self.text_deep_prompts = deep_prompt_list(depth - 1, n_ctx, width, device)  # P_1..P_{J-1}
-        self.proj = nn.Linear(width, vision_width, device=device)  # F_0
-        first = nn.Linear(width, vision_width, device=device)
+        # initialised from the CPU generator as released (normal_prompts), then moved
+        self.proj = nn.Linear(width, vision_width).to(device)  # F_0
+        first = nn.Linear(width, vision_width).to(device)
         self.couplings = nn.ModuleList([copy.deepcopy(first) if cloned_couplings or j == 0 else
-                                        nn.Linear(width, vision_width, device=device) for j in range(depth - 1)])
+                                        nn.Linear(width, vision_width).to(device) for j in range(depth - 1)])
         self.text = TextPrompts(clip, classnames, n_ctx, ctx_init)
 
     def vision_prompts(self) -> tuple:
@@ -406,8 +414,8 @@ class MetaPrompt(nn.Module):
         self.clip = freeze(clip)
         device, width = clip.positional_embedding.device, clip.ln_final.weight.shape[0]
         vision_width = clip.visual.conv1.weight.shape[0]
-        self.text_ctx = nn.Parameter(torch.randn(depth, n_ctx_text, width, device=device) * PROMPT_INIT_STD)
-        self.vision_ctx = nn.Parameter(torch.randn(depth, n_ctx_vision, vision_width, device=device) * PROMPT_INIT_STD)
+        self.text_ctx = nn.Parameter(normal_prompts(depth, n_ctx_text, width, device=device))
+        self.vision_ctx = nn.Parameter(normal_prompts(depth, n_ctx_vision, vision_width, device=device))
         self.text = TextPrompts(clip, classnames, n_ctx_text)
         features = template_text_features(clip, classnames, frozen_templates, clean_names=not raw_frozen_names)
         self.register_buffer("frozen_text_features", features, persistent=False)  # (C, E) T_zs

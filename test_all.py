@@ -1,4 +1,5 @@
-"""Tests of the whole project (pytest, CPU, tiny models; no downloads). Run: `python -m pytest -q test_all.py`.
+"""Tests of the whole project (pytest, CPU, tiny models; no downloads). Run: `python -m pytest -q test_all.py`;
+`TEST_DEVICE=cuda python -m pytest -q test_all.py -m device` runs the device tests on a GPU.
 
 Independent truths used: open_clip (`open_clip_torch`, an independent CLIP implementation), hand computations,
 CoOp's published few-shot selections, finite differences.
@@ -35,6 +36,31 @@ ROOT = Path(__file__).resolve().parent
 SENTENCES = ["a photo of a dog.", "an origami crane flying over the sea at dawn", "itap of a tench.",
              "A CENTERED satellite photo of Sea or Lake.", "a photo of a person doing Yo Yo."]
 TOL = 1e-5  # issue #2: float32 agreement with the independent implementation
+# TEST_DEVICE=cuda python -m pytest -q test_all.py -m device: the tests marked `device` (each method's step against
+# its reference, resume, the precisions, cached features, torchrun) run on the GPU; unset, every test runs on the CPU.
+TEST_DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+on_device = pytest.mark.device
+# On CUDA, reductions sum in other orders and some backward kernels accumulate with atomics (not deterministic), so
+# a float64 comparison gets CUDA_FLOAT64_SLACK x the CPU's tolerance, and a bitwise equality of two runs becomes
+# closeness within the precision's noise.
+CUDA_FLOAT64_SLACK = 1e3
+RUN_TOLERANCE = {"fp32": (1e-5, 1e-6), "bf16": (1e-2, 1e-3), "fp16": (1e-3, 1e-4)}  # (rtol, atol) on CUDA
+
+
+def assert_same_run(a: torch.Tensor, b: torch.Tensor, precision: str = "fp32"):
+    """Two runs' tensors: bit for bit on the CPU, within RUN_TOLERANCE[precision] on CUDA."""
+    if TEST_DEVICE == "cpu":
+        assert torch.equal(a, b)
+    else:
+        rtol, atol = RUN_TOLERANCE[precision]
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=atol)
+
+
+def assert_close_to_reference(ours: torch.Tensor, reference: torch.Tensor, rtol: float, atol: float):
+    """Ours (on TEST_DEVICE) against a float64 reference computed on the CPU, with the CPU's tolerance (x slack on
+    CUDA)."""
+    slack = 1.0 if TEST_DEVICE == "cpu" else CUDA_FLOAT64_SLACK
+    torch.testing.assert_close(ours.detach().cpu(), reference.detach().cpu(), rtol=rtol * slack, atol=atol * slack)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1288,10 +1314,11 @@ def harness(tmp_path_factory):
     return root
 
 
-def run_train(harness, out, *extra):
+def run_train(harness, out, *extra, device="cpu"):
     import train
     args = train.parse_args(["--dataset", "synthetic", "--root", str(harness / "data"), "--backbone",
                              str(harness / "tiny.pt"), "--shots", "4", "--num-workers", "0", "--no-progress",
+                             "--device", device,
                              "--text-depth", "2", "--vision-depth", "2", "--lr", "0.05", "--output-dir", str(out),
                              *extra])
     train.main(args)
@@ -1304,7 +1331,7 @@ def training_loss(harness, args, prompts_path):
     clip = clip_model.load(args.backbone, device="cpu")
     trainset, _, _, classnames = data.build_dataset("synthetic", args.root, shots=4, seed=1, subsample="base")
     learner = train.learner_for(args, clip, "synthetic", classnames)
-    prompts.load_prompts(learner, torch.load(prompts_path, weights_only=True)["prompts"])
+    prompts.load_prompts(learner, torch.load(prompts_path, weights_only=True, map_location="cpu")["prompts"])
     batch = next(iter(data.build_loader(trainset, train=False, size=32, num_workers=0)))
     with torch.no_grad():
         return torch.nn.functional.cross_entropy(learner(batch["img"]).logits, batch["label"]).item()
@@ -1328,9 +1355,10 @@ def test_zeroshot_writes_results(harness, tmp_path):
     assert set(json.loads((tmp_path / "results.json").read_text())) == RESULT_KEYS
 
 
+@on_device
 def test_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch):
     import train
-    run_train(harness, tmp_path / "full", "--method", "ivlp", "--epochs", "3")
+    run_train(harness, tmp_path / "full", "--method", "ivlp", "--epochs", "3", device=TEST_DEVICE)
     calls, save = [], train.save_atomic
 
     def interrupted_save(obj, path):
@@ -1340,12 +1368,13 @@ def test_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed right after the second epoch's checkpoint
     monkeypatch.setattr(train, "save_atomic", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        run_train(harness, tmp_path / "cut", "--method", "ivlp", "--epochs", "3")
+        run_train(harness, tmp_path / "cut", "--method", "ivlp", "--epochs", "3", device=TEST_DEVICE)
     monkeypatch.setattr(train, "save_atomic", save)
-    run_train(harness, tmp_path / "cut", "--method", "ivlp", "--epochs", "3", "--resume")
+    run_train(harness, tmp_path / "cut", "--method", "ivlp", "--epochs", "3", "--resume", device=TEST_DEVICE)
     full = torch.load(tmp_path / "full" / "prompts.pt", weights_only=True)["prompts"]
     resumed = torch.load(tmp_path / "cut" / "prompts.pt", weights_only=True)["prompts"]
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    for k in full:
+        assert_same_run(full[k], resumed[k])
 
 
 def read_log(run):
@@ -1612,17 +1641,23 @@ MIX_LAM, MIX_PARTNER = torch.tensor([0.3], dtype=torch.float64), torch.tensor([2
 
 @pytest.fixture
 def meta_setup(tiny):
-    """A float64 tiny CLIP with IVLP prompts (depth 2), its teacher, a gate, and one fixed virtual task."""
+    return make_meta_setup(tiny, "cpu")
+
+
+def make_meta_setup(tiny, device):
+    """A float64 tiny CLIP with IVLP prompts (depth 2), its teacher, a gate, and one fixed virtual task, on `device`
+    (the same values on every device: every random draw is the CPU generator's)."""
     import meta
     import train
     torch.manual_seed(0)
-    clip = clip_model.build_model(tiny.state_dict()).double()
+    clip = clip_model.build_model(tiny.state_dict()).double().to(device)
     args = train.parse_args(["--method", "prometar", "--text-depth", "2", "--vision-depth", "2"])
     learner = train.learner_for(args, clip, "synthetic", CLASSNAMES).double()
     teacher = prompts.FrozenTeacher(clip, CLASSNAMES, ["a photo of a {}.", "art of the {}."])
     params = prompts.prompt_parameters(learner)
-    gate = meta.GradientModulator({k: v.shape for k, v in params.items()}).double()
-    images, labels = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    gate = meta.GradientModulator({k: v.shape for k, v in params.items()}).double().to(device)
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64).to(device)
+    labels = torch.tensor([0, 1, 2, 1], device=device)
     frozen = teacher.image_features(images)
     query = labels == 2
     support = (images[~query], labels[~query], frozen[~query])
@@ -1908,10 +1943,12 @@ def hand_prometar_iteration(s, lr, seed):
     return theta2, gate2
 
 
+@on_device
 @pytest.mark.parametrize("seed", [0, 3])
-def test_prometar_iteration_equals_a_hand_written_reference(meta_setup, seed):
-    """train.prometar_step with the default flags and train.build_optimizers, against the reference above: both
-    optimizer steps, the uniform query-class draw, the gate's step (float64, math attention)."""
+def test_prometar_iteration_equals_a_hand_written_reference(tiny, meta_setup, seed):
+    """train.prometar_step with the default flags and train.build_optimizers (on TEST_DEVICE), against the reference
+    above (on the CPU): both optimizer steps, the uniform query-class draw, the gate's step (float64, math
+    attention)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import train
@@ -1921,6 +1958,7 @@ def test_prometar_iteration_equals_a_hand_written_reference(meta_setup, seed):
         (5e-4, 5e-4, 1e-6, True)  # the released values the reference hard-codes
     with sdpa_kernel(SDPBackend.MATH):
         expected_prompts, expected_gate = hand_prometar_iteration(s, lr, seed)
+    s = make_meta_setup(tiny, TEST_DEVICE)
     optimizer, gate_optimizer = train.build_optimizers(args, s["params"], s["gate"])
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -1929,9 +1967,9 @@ def test_prometar_iteration_equals_a_hand_written_reference(meta_setup, seed):
                                     s["images"], s["labels"])
     assert set(losses) == {"task", "reg", "meta"}
     for name, p in s["params"].items():
-        torch.testing.assert_close(p.detach(), expected_prompts[name], rtol=1e-10, atol=1e-13)
+        assert_close_to_reference(p, expected_prompts[name], rtol=1e-10, atol=1e-13)
     for w, expected in zip(s["gate"].parameters(), expected_gate, strict=True):
-        torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-16)
+        assert_close_to_reference(w, expected, rtol=1e-12, atol=1e-16)
 
 
 def test_virtual_task_query_class_is_uniform_over_classes_present():
@@ -1943,6 +1981,7 @@ def test_virtual_task_query_class_is_uniform_over_classes_present():
     assert abs(sum(picks) / len(picks) - 0.5) < 0.03  # 6 standard deviations from 0.5, 21 from 0.75
 
 
+@on_device
 def test_promptsrc_step_equals_a_hand_written_reference(tiny):
     """train.sgd_step for PromptSRC: CE + 25 L1(text) + 10 L1(image) + KL (PromptSRC configs TEXT_LOSS_WEIGHT 25,
     IMAGE_LOSS_WEIGHT 10; promptsrc.py's KL divides the summed KL by B x C), then one SGD step."""
@@ -1966,15 +2005,22 @@ def test_promptsrc_step_equals_a_hand_written_reference(tiny):
             "loss_reg_image": 10 * (normalize(out.image_features, dim=-1) - frozen).abs().mean(),
             "loss_kl": (log_q.exp() * (log_q - log_p)).sum() / log_p.numel()}
     grads = torch.autograd.grad(sum(hand.values()), list(theta.values()))
+    clip = clip.to(TEST_DEVICE)  # ours on TEST_DEVICE: learner and teacher built there, from the same prompts
+    learner = train.learner_for(args, clip, "synthetic", CLASSNAMES).double()
+    teacher = prompts.FrozenTeacher(clip, CLASSNAMES, ["a photo of a {}.", "art of the {}."])
+    params = prompts.prompt_parameters(learner)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(theta[name])
     optimizer, _ = train.build_optimizers(args, params, None)
-    losses, _ = train.sgd_step(args, learner, teacher, optimizer, torch.amp.GradScaler(enabled=False), images,
-                               labels, "cpu")
+    losses, _ = train.sgd_step(args, learner, teacher, optimizer, torch.amp.GradScaler(enabled=False),
+                               images.to(TEST_DEVICE), labels.to(TEST_DEVICE), TEST_DEVICE)
     assert set(losses) == set(hand)
     for k, value in hand.items():
-        torch.testing.assert_close(losses[k].detach(), value.detach(), rtol=1e-12, atol=1e-15)
+        assert_close_to_reference(losses[k], value, rtol=1e-12, atol=1e-15)
     for (name, p), g in zip(params.items(), grads, strict=True):
-        torch.testing.assert_close(p.detach(), hand_sgd(theta[name].detach(), g, None, 0.05, 0.9, 5e-4)[0],
-                                   rtol=1e-12, atol=1e-15)
+        assert_close_to_reference(p, hand_sgd(theta[name].detach(), g, None, 0.05, 0.9, 5e-4)[0], rtol=1e-12,
+                                  atol=1e-15)
 
 
 def test_promptsrc_final_prompts_are_the_gaussian_average_of_the_epochs(harness, tmp_path):
@@ -2005,6 +2051,7 @@ def interrupt_after_saves(monkeypatch, n):
     return save
 
 
+@on_device
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_prometar_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch, precision):
     """Killed after its second epoch's checkpoint and resumed: the same prompts, gate and gate optimizer state as an
@@ -2013,24 +2060,26 @@ def test_prometar_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch
     import train
     extra = ("--method", "prometar", "--epochs", "3", "--regularizer-lr", "0.5",  # a gate that visibly moves
              "--precision", precision)
-    run_train(harness, tmp_path / "full", *extra)
+    run_train(harness, tmp_path / "full", *extra, device=TEST_DEVICE)
     save = interrupt_after_saves(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        run_train(harness, tmp_path / "cut", *extra)
-    mid = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+        run_train(harness, tmp_path / "cut", *extra, device=TEST_DEVICE)
+    mid = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True, map_location="cpu")
     if precision == "fp16":
         assert mid["scaler"]["scale"] < 2.0 ** 16  # GradScaler's initial scale overflowed float16 and backed off
     monkeypatch.setattr(train, "save_atomic", save)
-    run_train(harness, tmp_path / "cut", *extra, "--resume")
-    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    run_train(harness, tmp_path / "cut", *extra, "--resume", device=TEST_DEVICE)
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True, map_location="cpu")
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True, map_location="cpu")
     assert mid["epoch"] == 2 and resumed["epoch"] == full["epoch"] == 3
     for key in ("prompts", "gate"):
         assert full[key].keys() == resumed[key].keys()
-        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key]), key
+        for k in full[key]:
+            assert_same_run(full[key][k], resumed[key][k], precision)
     full_state, resumed_state = full["gate_optimizer"]["state"], resumed["gate_optimizer"]["state"]
-    assert full_state.keys() == resumed_state.keys() and all(
-        torch.equal(full_state[i]["momentum_buffer"], resumed_state[i]["momentum_buffer"]) for i in full_state)
+    assert full_state.keys() == resumed_state.keys()
+    for i in full_state:
+        assert_same_run(full_state[i]["momentum_buffer"], resumed_state[i]["momentum_buffer"], precision)
     assert any(not torch.equal(mid["gate"][k], full["gate"][k]) for k in full["gate"])  # the third epoch moves it
 
 
@@ -2222,15 +2271,21 @@ def test_domain_split_update_clean_mode_by_hand():
 
 @pytest.fixture
 def metaprompt_setup(tiny):
-    """A float64 tiny CLIP, a MetaPrompt learner (depth 2, 2 + 2 tokens) over 6 classes, a batch of 8 in 3 domains."""
+    return make_metaprompt_setup(tiny, "cpu")
+
+
+def make_metaprompt_setup(tiny, device):
+    """A float64 tiny CLIP, a MetaPrompt learner (depth 2, 2 + 2 tokens) over 6 classes, a batch of 8 in 3 domains,
+    on `device` (the same values on every device)."""
     import train
     torch.manual_seed(0)
-    clip = clip_model.build_model(tiny.state_dict()).double()
+    clip = clip_model.build_model(tiny.state_dict()).double().to(device)
     args = train.parse_args(["--method", "metaprompt", "--dataset", "oxford_pets", "--text-depth", "2", "--lr", "0.05"])
     names = ["american_bulldog", "abyssinian", "beagle", "boxer", "chihuahua", "great_pyrenees"]
     learner = train.learner_for(args, clip, "oxford_pets", names).double()
-    images = torch.randn(8, 3, 32, 32, dtype=torch.float64)
-    labels, domains = torch.tensor([0, 1, 2, 3, 4, 5, 0, 2]), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    images = torch.randn(8, 3, 32, 32, dtype=torch.float64).to(device)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 2], device=device)
+    domains = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1], device=device)
     return {"args": args, "clip": clip, "learner": learner, "images": images, "labels": labels, "domains": domains,
             "names": names}
 
@@ -2406,16 +2461,19 @@ def hand_metaprompt_iteration(learner, images, labels, lr, halves):
     return text - lr * 0.2 * (grads[0] + grads[1]), vision, t_buf, v_buf
 
 
-def test_metaprompt_iteration_equals_a_hand_written_reference(metaprompt_setup):
-    """train.metaprompt_step with the released flags and train.build_optimizers against the reference above, on a
-    batch where every class of both halves is present (class halves drawn by the seeded torch generator)."""
+@on_device
+def test_metaprompt_iteration_equals_a_hand_written_reference(tiny, metaprompt_setup):
+    """train.metaprompt_step with the released flags and train.build_optimizers (on TEST_DEVICE) against the reference
+    above (on the CPU), on a batch where every class of both halves is present (class halves drawn by the seeded
+    torch generator)."""
     import train
-    s = metaprompt_setup
-    learner, lr = s["learner"], 0.03  # the live (scheduled) lr, not the configured 0.05
+    s, lr = metaprompt_setup, 0.03  # the live (scheduled) lr, not the configured 0.05
     torch.manual_seed(7)
     order = torch.randperm(6).tolist()
     halves = [order[:3], order[3:]]
-    expected = hand_metaprompt_iteration(learner, s["images"], s["labels"], lr, halves)
+    expected = hand_metaprompt_iteration(s["learner"], s["images"], s["labels"], lr, halves)
+    s = make_metaprompt_setup(tiny, TEST_DEVICE)
+    learner = s["learner"]
     optimizer, _ = train.build_optimizers(s["args"], prompts.prompt_parameters(learner), None)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -2426,23 +2484,26 @@ def test_metaprompt_iteration_equals_a_hand_written_reference(metaprompt_setup):
     got = (params["text_ctx"], params["vision_ctx"], optimizer.state[params["text_ctx"]]["momentum_buffer"],
            optimizer.state[params["vision_ctx"]]["momentum_buffer"])
     for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-11, atol=1e-14)
+        assert_close_to_reference(a, b, rtol=1e-11, atol=1e-14)
 
 
+@on_device
 def test_metaprompt_resume_equals_uninterrupted_run(harness, tmp_path, monkeypatch):
     import train
     extra = ("--method", "metaprompt", "--epochs", "3", "--batch-size", "4")
-    run_train(harness, tmp_path / "full", *extra)
+    run_train(harness, tmp_path / "full", *extra, device=TEST_DEVICE)
     save = interrupt_after_saves(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        run_train(harness, tmp_path / "cut", *extra)
+        run_train(harness, tmp_path / "cut", *extra, device=TEST_DEVICE)
     monkeypatch.setattr(train, "save_atomic", save)
-    run_train(harness, tmp_path / "cut", *extra, "--resume")
-    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(full["prompts"][k], resumed["prompts"][k]) for k in full["prompts"])
+    run_train(harness, tmp_path / "cut", *extra, "--resume", device=TEST_DEVICE)
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True, map_location="cpu")
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True, map_location="cpu")
+    for k in full["prompts"]:
+        assert_same_run(full["prompts"][k], resumed["prompts"][k])
     buffers = lambda c: [s["momentum_buffer"] for s in c["optimizer"]["state"].values()]
-    assert all(torch.equal(a, b) for a, b in zip(buffers(full), buffers(resumed), strict=True))
+    for a, b in zip(buffers(full), buffers(resumed), strict=True):
+        assert_same_run(a, b)
 
 
 def test_metaprompt_base_to_new_run_writes_results(harness, tmp_path):
@@ -2720,7 +2781,7 @@ def gram_args(harness, pairs, out, *extra):
     return train.parse_args(["--method", "gram", "--pairs", str(pairs), "--backbone", str(harness / "tiny.pt"),
                              "--base", "coop", "--n-ctx", "4", "--gram-steps", "4", "--gram-checkpoint-every", "2",
                              "--gram-tasks", "2", "--gram-batch", "4", "--gram-k-text", "4", "--gram-k-image", "1",
-                             "--output-dir", str(out), "--no-progress", *extra])
+                             "--output-dir", str(out), "--no-progress", "--device", TEST_DEVICE, *extra])
 
 
 def test_gram_pipeline_meta_train_resume_and_plug_in(harness, gram_pairs, tmp_path, monkeypatch):
@@ -2850,7 +2911,8 @@ def test_gram_file_for_another_shape_or_backbone_is_refused(harness, gram_pairs,
     path = str(tmp_path / "gram" / "gram.pt")
     with pytest.raises(clip_model.CheckpointError, match=r"holds prompts \{'ctx': \[4, 64\]\}, this learner "
                                                          r"\{'ctx': \[8, 64\]\}"):
-        run_train(harness, tmp_path / "a", "--method", "coop", "--n-ctx", "8", "--epochs", "1", "--gram", path)
+        run_train(harness, tmp_path / "a", "--method", "coop", "--ctx-init", "random", "--n-ctx", "8", "--epochs", "1",
+                  "--gram", path)
     with pytest.raises(clip_model.CheckpointError, match="was meta-trained for --method coop, not ivlp"):
         run_train(harness, tmp_path / "b", "--method", "ivlp", "--epochs", "1", "--gram", path)
     other = tmp_path / "other.pt"
@@ -3256,6 +3318,58 @@ def test_template_flag_sets_the_hand_made_prompts(harness, tmp_path, monkeypatch
         train.parse_args(["--template", "a photo of a cat."])
 
 
+# --- released configurations per protocol (issue #29) -----------------------------------------------------------
+def released_configuration_rows():
+    """docs/protocols.md's table of defaults: (method, protocols, datasets, shots, flags, source) per row."""
+    rows = []
+    for line in (Path(__file__).parent / "docs" / "protocols.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("`") and cells[4].startswith("`--"):
+            rows.append((cells[0].strip("`"), cells[1], cells[2], cells[3], cells[4].strip("`"), cells[5]))
+    return rows
+
+
+def test_released_configurations_are_the_defaults():
+    """Each row of docs/protocols.md's table, transcribed from the released config files it names: a run with the
+    row's flags set by hand has the configuration of the same run with them unset, for every protocol, dataset and
+    shot count the row covers; every trained method has a row for every protocol. A few values are checked here
+    against the files directly (PromptSRC's cross-dataset depth 3 and GPA 6 / 10, its few-shot 50 epochs and the
+    45 / 5 of DTD; CoCoOp's CoOp base-to-new from "a photo of a", 200 epochs, ImageNet 50)."""
+    import benchmark
+    import train
+    rows = released_configuration_rows()
+    covered = set()
+    for method, protocols, datasets, shots, flags, _ in rows:
+        protocols = train.PROTOCOLS if protocols == "all five" else [p.strip() for p in protocols.split(",")]
+        for protocol in protocols:
+            covered.add((method, protocol))
+            names = (benchmark.GRID_DATASETS[protocol] if datasets in ("all", "all but imagenet") else
+                     [d.strip() for d in datasets.split(",")])
+            for dataset in [d for d in names if not (datasets == "all but imagenet" and d == "imagenet")]:
+                for k in shots.split(","):
+                    common = ["--method", method, "--protocol", protocol, "--dataset", dataset, "--shots", k.strip()]
+                    default, explicit = train.parse_args(common), train.parse_args(common + shlex.split(flags))
+                    for flag in shlex.split(flags)[::2]:
+                        key = flag[2:].replace("-", "_")
+                        assert getattr(default, key) == getattr(explicit, key), (method, protocol, dataset, k, flag)
+    trained = [m for m in train.METHODS if m not in ("zeroshot", "gram")]
+    assert covered == {(m, p) for m in trained for p in train.PROTOCOLS}
+
+    def config(method, protocol, dataset, *extra):
+        return train.parse_args(["--method", method, "--protocol", protocol, "--dataset", dataset, *extra])
+    xd = config("promptsrc", "domain_generalization", "imagenet")
+    assert (xd.epochs, xd.text_depth, xd.vision_depth, xd.gpa_mean, xd.gpa_std) == (20, 3, 3, 6, 10)
+    few = config("promptsrc", "fewshot", "dtd", "--shots", "4")
+    assert (few.epochs, few.gpa_mean, few.gpa_std) == (50, 45, 5)
+    assert (config("promptsrc", "fewshot", "food101").gpa_mean, config("promptsrc", "base2new", "dtd").gpa_mean) == \
+        (30, 15)
+    coop = config("coop", "base2new", "dtd")
+    assert (coop.epochs, coop.ctx_init, config("coop", "base2new", "imagenet").epochs) == (200, "a photo of a", 50)
+    assert config("coop", "fewshot", "dtd", "--shots", "1").ctx_init is None
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "promptsrc", "--gpa-std", "0"])
+
+
 # --- cross-dataset transfer and ImageNet DG tables (issue #18) ----------------------------------------------------
 def test_published_transfer_rows_reproduce_their_published_averages():
     import eval as evaluation
@@ -3308,6 +3422,7 @@ FP16_LOSS_SCALE = 2.0 ** 10  # below GradScaler's 2^16, which overflows the tiny
 BF16_TOLERANCE = 0.05  # absolute, on losses of order 1 (bf16 keeps 8 bits of mantissa: ~0.4% per rounding)
 
 
+@on_device
 @pytest.mark.parametrize("method", ["coop", "cocoop", "ivlp", "maple", "promptsrc", "prometar", "metaprompt", "gram"])
 def test_bf16_autocast_losses_stay_within_tolerance_of_fp32(harness, gram_pairs, tmp_path, method, monkeypatch):
     """--precision bf16 and fp16 (here on the CPU; fp16 with loss scaling) run every forward, the meta steps'
@@ -3340,9 +3455,10 @@ def test_bf16_autocast_losses_stay_within_tolerance_of_fp32(harness, gram_pairs,
         if method == "gram":
             train.run(gram_args(harness, gram_pairs, out, "--gram-steps", "1", "--precision", precision))
         else:
-            run_train(harness, out, "--method", method, "--epochs", "1", "--precision", precision)
+            run_train(harness, out, "--method", method, "--epochs", "1", "--precision", precision, device=TEST_DEVICE)
         logs[precision] = read_log(out)[0]
-        saved = torch.load(out / ("gram.pt" if method == "gram" else "prompts.pt"), weights_only=True)["prompts"]
+        saved = torch.load(out / ("gram.pt" if method == "gram" else "prompts.pt"), weights_only=True,
+                           map_location="cpu")["prompts"]
         assert all(v.dtype == torch.float32 for v in saved.values())
         if method != "gram":  # (GRAM's one-off clustering of frozen features is not a training forward)
             assert set(dtypes) == {low.get(precision, torch.float32)}, (precision, dtypes)
@@ -3399,6 +3515,7 @@ def test_loss_scaling_changes_no_meta_gradient():
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(*results, strict=True))
 
 
+@on_device
 @pytest.mark.parametrize("method", ["coop", "prometar", "metaprompt", "gram"])
 def test_fp16_overflow_skips_the_step_and_backs_off_the_scale(harness, gram_pairs, tmp_path, method, monkeypatch):
     """fp16 with a loss scale far too large (2^100): every gradient overflows float16, so every update is skipped (the
@@ -3413,9 +3530,10 @@ def test_fp16_overflow_skips_the_step_and_backs_off_the_scale(harness, gram_pair
         train.run(gram_args(harness, gram_pairs, tmp_path, "--gram-steps", "2", "--precision", "fp16"))
         steps = 2
     else:
-        run_train(harness, tmp_path, "--method", method, "--epochs", "1", "--batch-size", "4", "--precision", "fp16")
+        run_train(harness, tmp_path, "--method", method, "--epochs", "1", "--batch-size", "4", "--precision", "fp16",
+                  device=TEST_DEVICE)
         steps = len(read_log(tmp_path))
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True, map_location="cpu")
     halvings = 100 - math.log2(ckpt["scaler"]["scale"])
     assert steps >= 2 and halvings == int(halvings)
     assert steps < halvings <= 2 * steps if method == "metaprompt" else halvings == steps
@@ -3464,6 +3582,7 @@ def test_frozen_image_evaluation_encodes_each_test_image_once(harness, tmp_path,
     assert sum(encoded) == 1
 
 
+@on_device
 def test_cache_views_encodes_each_view_once_and_trains(harness, tmp_path, monkeypatch):
     """--cache-views N: N views of each training image are encoded before the first epoch and never again; every
     epoch visits each image once (one view each, drawn from the epoch seed; the last partial batch dropped as Dassl);
@@ -3480,13 +3599,13 @@ def test_cache_views_encodes_each_view_once_and_trains(harness, tmp_path, monkey
     sgd_step = train.sgd_step
     monkeypatch.setattr(train, "sgd_step", lambda *a, **k: steps.append(sum(encoded)) or sgd_step(*a, **k))
     args = run_train(harness, tmp_path / "views", "--method", "coop", "--n-ctx", "4", "--epochs", "4",
-                     "--cache-views", "3", "--batch-size", "5")
+                     "--cache-views", "3", "--batch-size", "5", device=TEST_DEVICE)
     assert steps and set(steps) == {3 * 12}  # 3 base classes x 4 shots, 3 views each, all before the first step
     assert seeds == [1000 + epoch for epoch in range(4)]  # each epoch's own draw (seed 1)
     assert len(read_log(tmp_path / "views")) == 4 * (12 // 5)
     assert training_loss(harness, args, tmp_path / "views" / "prompts.pt") < \
         training_loss(harness, run_train(harness, tmp_path / "init", "--method", "coop", "--n-ctx", "4", "--epochs",
-                                         "0"), tmp_path / "init" / "prompts.pt") - 0.05
+                                         "0", device=TEST_DEVICE), tmp_path / "init" / "prompts.pt") - 0.05
     views = torch.randn(3, 7, 2)
     items = [data.Datum(str(i), i % 2, "c") for i in range(7)]
     epochs = [list(train.view_batches(views, items, 3, seed)) for seed in (5, 5, 6)]
@@ -3527,6 +3646,7 @@ def test_fast_path_equals_plain_path(tiny, method, monkeypatch):
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+@on_device
 @pytest.mark.parametrize("method", ["coop", "ivlp", "prometar", "metaprompt"])
 def test_torchrun_two_processes_equal_one(harness, tmp_path, method):
     """torchrun --nproc_per_node 2 on gloo (CPU): every process loads the global batch, computes its share, the
@@ -3534,8 +3654,8 @@ def test_torchrun_two_processes_equal_one(harness, tmp_path, method):
     and the sharded evaluation equal one process's within float tolerance; process 0 alone writes."""
     common = ["--dataset", "synthetic", "--root", str(harness / "data"), "--backbone", str(harness / "tiny.pt"),
               "--shots", "4", "--num-workers", "0", "--no-progress", "--text-depth", "2", "--vision-depth", "2",
-              "--lr", "0.05", "--method", method, "--epochs", "2", "--batch-size", "4"]
-    run_train(harness, tmp_path / "one", "--method", method, "--epochs", "2", "--batch-size", "4")
+              "--lr", "0.05", "--method", method, "--epochs", "2", "--batch-size", "4", "--device", TEST_DEVICE]
+    run_train(harness, tmp_path / "one", "--method", method, "--epochs", "2", "--batch-size", "4", device=TEST_DEVICE)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(ROOT / "train.py"), *common, "--output-dir", str(tmp_path / "two")],
                             check=False, capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)},
@@ -3543,7 +3663,7 @@ def test_torchrun_two_processes_equal_one(harness, tmp_path, method):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("results in") == 1  # one process reports
     assert "is deprecated" not in result.stderr  # the differentiable all-reduce is our own
-    one, two = (torch.load(tmp_path / r / "prompts.pt", weights_only=True) for r in ("one", "two"))
+    one, two = (torch.load(tmp_path / r / "prompts.pt", weights_only=True, map_location="cpu") for r in ("one", "two"))
     assert two["config"]["world_size"] == 2
     for name, value in one["prompts"].items():
         torch.testing.assert_close(two["prompts"][name], value, rtol=1e-4, atol=1e-5)  # summation order
@@ -3932,6 +4052,28 @@ def test_grid_runs_its_runs_reports_failures_and_writes_the_same_runs_as_a_slurm
     grid = benchmark.grid_runs(["coop", "zeroshot"], ["synthetic", "dtd"], [1], ["2"], "base2new",
                                str(harness / "data"), str(tmp_path / "out"), shlex.split(extra))
     assert commands == [benchmark.train_command(run) for run in grid]
+
+
+def test_gpu_check_runs_every_check_and_fails_on_a_failed_one(tmp_path, monkeypatch):
+    """`benchmark.py gpu --quick` (its CPU mode, CI-sized): every check runs and is reported in report.md and
+    report.json; a failing check (here the default run's slack made negative, so no gap can pass) makes the exit
+    status 1 while the other checks still run and pass."""
+    import benchmark
+    monkeypatch.setattr(benchmark, "DEFAULT_RUN_SLACK", -1.0)
+    status = benchmark.gpu_check(str(tmp_path / "report"), quick=True, root=str(tmp_path / "data"))
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    checks = {c["check"]: c for c in report["checks"]}
+    assert status == 1 and list(checks) == ["tests", "default runs", "iterations", "testbed table", "torchrun"]
+    assert not checks["default runs"]["ok"] and "allowed -1.0" in checks["default runs"]["error"]
+    assert all(c["ok"] for name, c in checks.items() if name != "default runs"), checks
+    assert checks["tests"]["summary"].startswith("2 passed")
+    rows = checks["iterations"]["rows"]
+    assert {(r["case"], r["precision"]) for r in rows} >= {(m, p) for m in benchmark.CASES["methods"]
+                                                            for p in benchmark.GPU_PRECISIONS}
+    assert all(r["seconds"] > 0 for r in rows)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| default runs | FAILED |" in markdown and "| torchrun | yes |" in markdown
+    assert "| coop | world | 2 |" in markdown and "| zeroshot | world | 2 |" in markdown  # the testbed table
 
 
 def test_readme_is_a_first_read_and_its_links_resolve():

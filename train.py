@@ -49,13 +49,16 @@ import meta
 import prompts
 import testbed
 
-# Official configs: KaiyangZhou/CoOp configs/trainers/CoOp/vit_b16.yaml + COOP.md epochs;
-# IVLP and PromptSRC: muzairkhattak/PromptSRC configs/trainers/{IVLP,PromptSRC}/vit_b16_c2_ep20_batch4_4+4ctx.yaml.
+# Each method's released configuration for base-to-new (the papers' main table); CoOp's is the one CoCoOp released
+# for it (KaiyangZhou/CoOp scripts/cocoop/base2new_train.sh: configs/trainers/CoOp/vit_b16_ctxv1.yaml, 200 epochs,
+# 4 context vectors from "a photo of a"). IVLP and PromptSRC: muzairkhattak/PromptSRC
+# configs/trainers/{IVLP,PromptSRC}/vit_b16_c2_ep20_batch4_4+4ctx.yaml.
 METHOD_DEFAULTS = {
     "zeroshot": {"epochs": 0, "batch_size": 32, "lr": 0.0, "ctx_init": None},
-    "coop": {"epochs": None, "batch_size": 32, "lr": 0.002, "ctx_init": None},
+    "coop": {"epochs": 200, "batch_size": 32, "lr": 0.002, "ctx_init": "a photo of a", "n_ctx": 4},
     "ivlp": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
-    "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a"},
+    "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025, "ctx_init": "a photo of a", "gpa_mean": 15.0,
+                  "gpa_std": 1.0},
     # KaiyangZhou/CoOp configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml (test batch 100, as every method)
     "cocoop": {"epochs": 10, "batch_size": 1, "lr": 0.002, "ctx_init": "a photo of a", "n_ctx": 4},
     # muzairkhattak/multimodal-prompt-learning configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml (N_CTX 2,
@@ -69,14 +72,35 @@ METHOD_DEFAULTS = {
     "metaprompt": {"epochs": 8, "batch_size": 16, "lr": 0.0015, "ctx_init": None, "n_ctx_text": 2, "n_ctx_vision": 2,
                    "text_depth": 12, "vision_depth": 12},
 }
-# Trained on ImageNet for the cross-dataset and ImageNet-DG protocols: CoOp's xd script uses
-# configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml (50 epochs, "a photo of a": 4 context vectors); MaPLe its
-# vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml (2 epochs, lr 0.0026, depth 3). Other methods keep their configs.
-TRANSFER_DEFAULTS = {"coop": {"epochs": 50, "ctx_init": "a photo of a"},
-                     "maple": {"epochs": 2, "lr": 0.0026, "text_depth": 3}}
-TRANSFER_PROTOCOLS = ("cross_dataset", "domain_generalization")
-# Vill-Lab/2024-TIP-MetaPrompt configs/trainers/Meta_DG/vit_b16.yaml + scripts/Meta/dg.sh: multi-source DG
-METAPROMPT_DG_DEFAULTS = {"epochs": 6, "batch_size": 32, "n_ctx_text": 4, "n_ctx_vision": 4}
+# Where a method released another configuration for a protocol: the values that differ from its base-to-new one.
+# A protocol a method released nothing for keeps the base-to-new configuration (docs/protocols.md lists them).
+# ImageNet DG evaluates the model trained for cross-dataset transfer, so the two protocols share one configuration.
+COOP_TRANSFER = {"epochs": 50}  # CoCoOp's CoOp on ImageNet: configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml
+MAPLE_TRANSFER = {"epochs": 2, "lr": 0.0026, "text_depth": 3}  # MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml
+# PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml (scripts/promptsrc/xd_train.sh names an "ep5" file
+# that was never released; reproduce_xd.sh loads this one's epoch 20)
+PROMPTSRC_TRANSFER = {"text_depth": 3, "vision_depth": 3, "gpa_mean": 6.0, "gpa_std": 10.0}
+PROTOCOL_DEFAULTS = {
+    # CoOp's own few-shot configs (scripts/coop/main.sh, COOP.md): 16 random context vectors, epochs by shots
+    # (COOP_EPOCHS_BY_SHOTS below)
+    ("coop", "fewshot"): {"epochs": None, "ctx_init": None, "n_ctx": 16},
+    ("coop", "cross_dataset"): COOP_TRANSFER, ("coop", "domain_generalization"): COOP_TRANSFER,
+    ("maple", "cross_dataset"): MAPLE_TRANSFER, ("maple", "domain_generalization"): MAPLE_TRANSFER,
+    # PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml (GPA 30 / 30; 45 / 5 for five datasets, below)
+    ("promptsrc", "fewshot"): {"epochs": 50, "gpa_mean": 30.0, "gpa_std": 30.0},
+    ("promptsrc", "cross_dataset"): PROMPTSRC_TRANSFER, ("promptsrc", "domain_generalization"): PROMPTSRC_TRANSFER,
+    # Vill-Lab/2024-TIP-MetaPrompt configs/trainers/Meta_DG/vit_b16.yaml + scripts/Meta/dg.sh
+    ("metaprompt", "multi_source_dg"): {"epochs": 6, "batch_size": 32, "n_ctx_text": 4, "n_ctx_vision": 4},
+}
+# A dataset's values inside a protocol's configuration: CoOp trains ImageNet for 50 epochs in every setting (COOP.md:
+# "for ImageNet, we use *_ep50.yaml for all settings"; scripts/cocoop/base2new_train.sh: vit_b16_ep50_ctxv1);
+# PromptSRC's few-shot config gives GPA 45 / 5 to "StanfordCars, Flowers102, FGVCAircraft, DTD and EuroSAT".
+PROMPTSRC_FEWSHOT_GPA_45_5 = ("stanford_cars", "oxford_flowers", "fgvc_aircraft", "dtd", "eurosat")
+DATASET_DEFAULTS = {
+    **{("coop", protocol, "imagenet"): {"epochs": 50} for protocol in ("base2new", "fewshot")},
+    **{("promptsrc", "fewshot", dataset): {"gpa_mean": 45.0, "gpa_std": 5.0} for dataset in PROMPTSRC_FEWSHOT_GPA_45_5},
+}
+RANDOM_CONTEXT = "random"  # --ctx-init random: N(0, 0.02) context vectors where a config has words
 PROTOCOLS = ("base2new", "fewshot", "cross_dataset", "domain_generalization", "multi_source_dg")
 METAPROMPT_RELEASED_FLAGS = ("metaprompt_inner_optimizer", "metaprompt_frozen_drift", "metaprompt_aliased_restore",
                              "metaprompt_raw_frozen_names", "metaprompt_domain_range")
@@ -85,11 +109,13 @@ METHODS = (*prompts.METHODS, "prometar", "gram")
 # 3), tiny images (no loader workers), and learning rates for its logit scale (~18, not 100: see testbed.py).
 TESTBED_CHECKPOINT = str(testbed.CHECKPOINT)
 # Every method gets the same budget there: 8 epochs of batch 4 at lr 0.002 (ProMetaR: about a minute on 2 CPU
-# cores), and CoOp 4 context vectors (its 16 do not fit the testbed's 16-token context).
+# cores), and CoOp 4 random context vectors in every protocol (its 16 do not fit the testbed's 16-token context;
+# CoCoOp's base-to-new CoOp starts from "a photo of a", the testbed's recorded tables from random vectors).
 GRAM_STEPS = 2000  # reconstruction: SUPMER runs 100k on T5; the testbed's pairs need far fewer
 TESTBED_DATASETS = testbed.DATASETS  # written by testbed.py, trained with the shipped small CLIP
 TESTBED_DEFAULTS = {"backbone": TESTBED_CHECKPOINT, "text_depth": 3, "vision_depth": 3, "num_workers": 0,
                     "epochs": 8, "batch_size": 4, "lr": 0.002, "n_ctx": 4}
+TESTBED_METHOD_DEFAULTS = {"coop": {"ctx_init": None}}
 # The testbed's DG task (world_styles: 4 source styles x 48 classes x up to 5 shots) gets the same budget for every
 # method too: 4 epochs of batch 8 (about a minute per target domain for ProMetaR on 2 CPU cores).
 TESTBED_DG_DEFAULTS = {"epochs": 4, "batch_size": 8}
@@ -99,8 +125,8 @@ COOP_EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp COOP.md;
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # Dassl defaults.py OPTIM.MOMENTUM / WEIGHT_DECAY
 WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5  # CoOp/PromptSRC configs: WARMUP_EPOCH 1, WARMUP_TYPE constant, CONS_LR 1e-5
 TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 25.0, 10.0  # PromptSRC configs TEXT_LOSS_WEIGHT / IMAGE_LOSS_WEIGHT
-GPA_MEAN, GPA_STD = 15.0, 1.0  # PromptSRC base-to-new configs GPA_MEAN / GPA_STD (epochs 1..20)
 REGULARIZER_MOMENTUM, REGULARIZER_WEIGHT_DECAY = 0.9, 5e-4  # ProMetaR train.py OPTIM_VNET (Dassl defaults)
+DEVICES = ("cpu", "cuda")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 COMPILE_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc")  # no double backward in their step
 CACHED_VIEW_METHODS = ("coop", "cocoop")  # trainable methods whose image encoder has no prompts (--cache-views)
@@ -131,7 +157,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="default: the method's official config")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate; default: the official config")
     p.add_argument("--n-ctx", type=int, default=None, help="CoOp context length M (CoOp: 16)")
-    p.add_argument("--ctx-init", default="", help='words for the initial context, e.g. "a photo of a"')
+    p.add_argument("--ctx-init", default="", help='words for the initial context, e.g. "a photo of a"; '
+                   f'{RANDOM_CONTEXT}: N(0, 0.02) vectors (default: the method\'s config)')
     p.add_argument("--class-specific", action="store_true", help="CoOp class-specific context (CSC)")
     p.add_argument("--class-token-position", default="end", choices=prompts.CLASS_TOKEN_POSITIONS)
     p.add_argument("--template", default=None,
@@ -143,6 +170,10 @@ def parse_args(argv=None):
     p.add_argument("--text-depth", type=int, default=None, help="text prompt depth (PromptSRC: 9; MetaPrompt: 12, "
                    "both modalities)")
     p.add_argument("--vision-depth", type=int, default=None, help="IVLP vision prompt depth (PromptSRC: 9)")
+    p.add_argument("--gpa-mean", type=float, default=None, help="PromptSRC's Gaussian prompt aggregation: mean "
+                   "epoch (base-to-new 15, few-shot 30 or 45, cross-dataset / DG 6)")
+    p.add_argument("--gpa-std", type=float, default=None, help="its std in epochs (base-to-new 1, few-shot 30 or 5, "
+                   "cross-dataset / DG 10)")
     p.add_argument("--maple-cloned-couplings", action=argparse.BooleanOptionalAction, default=True,
                    help="released MaPLe: the deep coupling functions start as copies of one layer (maple.py "
                         "_get_clones); --no-...: each initialised afresh")
@@ -217,6 +248,12 @@ def parse_args(argv=None):
                    help="SUPMER's (code-only) gate regularizer (d_sim / 2 + s / 2 - c)^2")
     p.add_argument("--gram-partner-any-leaf", action="store_true",
                    help="SUPMER's mixing partner from any leaf, the task's own included (default: another leaf)")
+    p.add_argument("--device", default=None, choices=DEVICES, help="where to train and evaluate (default: cuda when a "
+                   "GPU is visible, else cpu); under torchrun each process takes the GPU of its LOCAL_RANK")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                   help="on CUDA, let float32 matmuls and convolutions use TF32 (10-bit mantissa; faster on Ampere and "
+                   "later). Off: --precision fp32 computes in float32 (the released codes trained in fp16, where TF32 "
+                   "plays no part)")
     p.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="autocast dtype of every forward, meta steps included; prompts, gates, regulators and "
                         "optimizer state stay float32. Default: bf16 on a CUDA GPU that has it, else fp16 (with a GradScaler for "
@@ -250,30 +287,37 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value is not None and value < 0:
             p.error(f"--{flag.replace('_', '-')} {value} must not be negative")
+    if args.gpa_std is not None and args.gpa_std <= 0:
+        p.error(f"--gpa-std {args.gpa_std} must be positive: the Gaussian's width in epochs")
     spec = data.DATASETS.get(args.dataset)
     args.protocol = args.protocol or ("multi_source_dg" if spec is not None and spec.domains else
                                       "fewshot" if args.dataset == "folder" else "base2new")
-    # unset flags: the testbed's values on its datasets, else the method's official config for the protocol, else
-    # the general ones
-    dg_config = METAPROMPT_DG_DEFAULTS if args.method == "metaprompt" and args.protocol == "multi_source_dg" else {}
+    # unset flags: the testbed's values on its datasets, else the method's released config for the protocol and
+    # dataset, else its base-to-new config, else the general ones
     args.base = args.base or ("coop" if args.method == "gram" else "ivlp")
     method = args.base if args.method == "gram" else args.method  # GRAM meta-trains its base's prompts
     testbed_backbone = args.backbone is not None and is_testbed_backbone(args.backbone)
     on_testbed = (args.dataset in TESTBED_DATASETS and (args.method != "gram" or args.backbone is None)) or \
         testbed_backbone  # the shipped small CLIP on any dataset (your own folder too) gets the testbed's settings
-    transfer = TRANSFER_DEFAULTS.get(method, {}) if args.protocol in TRANSFER_PROTOCOLS else {}
-    defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[method], **dg_config, **transfer,
-                **(TESTBED_DEFAULTS if on_testbed else {}),
+    defaults = {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[method], **PROTOCOL_DEFAULTS.get((method, args.protocol), {}),
+                **DATASET_DEFAULTS.get((method, args.protocol, args.dataset), {}),
+                **({**TESTBED_DEFAULTS, **TESTBED_METHOD_DEFAULTS.get(method, {})} if on_testbed else {}),
                 **(TESTBED_DG_DEFAULTS if args.dataset == "world_styles" else {})}
     for key, value in defaults.items():
         if getattr(args, key) in (None, ""):
             setattr(args, key, value)
+    if args.ctx_init == RANDOM_CONTEXT:
+        args.ctx_init = None
     if args.epochs is None:  # CoOp: by shots
         args.epochs = COOP_EPOCHS_BY_SHOTS.get(args.shots, max(COOP_EPOCHS_BY_SHOTS.values()))
     if args.method == "zeroshot":
         args.epochs = 0
     args.rank, args.world_size = 0, 1  # torchrun: set by start_distributed
-    args.precision = args.precision or default_precision("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine shows no CUDA GPU (torch.cuda.is_available() is False); leave the flag "
+                "out to train on the CPU")
+    args.precision = args.precision or default_precision(args.device)
     if args.metaprompt_clean:
         for flag in METAPROMPT_RELEASED_FLAGS:
             setattr(args, flag, False)
@@ -534,14 +578,24 @@ def finite_or_back_off(scaler, tensors) -> bool:
 # losses weighted by its share of the batch; so N processes take the step one process takes, within float tolerance.
 
 def start_distributed(args):
-    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on CPUs, nccl on GPUs, one GPU per process);
-    sets args.rank and args.world_size (0 and 1 for a single process)."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group and set args.rank and args.world_size (0 and 1 for a
+    single process). On CUDA each process takes GPU LOCAL_RANK (modulo the GPUs visible) and the group is NCCL's; more
+    processes than GPUs (2 on one GPU, to check the path) share them through gloo, as on CPUs, since NCCL refuses
+    two ranks on one device."""
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.world_size > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        on_gpus = args.device == "cuda"
+        if on_gpus:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group("nccl" if on_gpus and args.world_size <= torch.cuda.device_count() else "gloo")
     args.rank = dist.get_rank() if args.world_size > 1 else 0
+
+
+def set_tf32(enabled: bool):
+    """--tf32: whether CUDA's float32 matmuls (cuBLAS) and convolutions (cuDNN: CLIP's patch embedding) may round
+    their inputs to TF32. PyTorch's defaults differ (matmuls off since 1.12, convolutions on), so both are set."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def stop_distributed():
@@ -676,8 +730,8 @@ def train_loader(args, items, size: int, epoch: int):
     """The epoch's training loader: batches and augmentations drawn from seed * 1000 + epoch (so a resumed run
     sees the same ones); the testbed's crops keep at least half of its 32 px images (testbed.WORLD_CROP_SCALE)."""
     return data.build_loader(items, train=True, batch_size=args.batch_size, size=size, num_workers=args.num_workers,
-                             seed=args.seed * EPOCH_SEED_STRIDE + epoch,
-                             crop_scale=crop_scale(args))
+                             seed=args.seed * EPOCH_SEED_STRIDE + epoch, crop_scale=crop_scale(args),
+                             pin_memory=args.device == "cuda")
 
 
 @torch.no_grad()
@@ -993,7 +1047,8 @@ def evaluate(args, clip, state, dataset, subsample, device, target_domain=None) 
         features = frozen_image_features(clip, args.backbone, dataset, args.root, mine, device, dtype, args.num_workers)
         labels, preds = torch.tensor([d.label for d in mine]), prompts.predict_features(learner, features)
     else:
-        loader = data.build_loader(mine, train=False, size=clip.visual.input_resolution, num_workers=args.num_workers)
+        loader = data.build_loader(mine, train=False, size=clip.visual.input_resolution, num_workers=args.num_workers,
+                                   pin_memory=args.device == "cuda")
         labels, preds = prompts.predict(learner, loader, device, dtype)
     return data.classification_metrics(gather_rows(args, labels), gather_rows(args, preds))
 
@@ -1032,7 +1087,7 @@ def write_results(args, splits, device, wall_time):
 
 
 def main(args):
-    start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
+    start_time, device = time.time(), args.device
     start_distributed(args)  # torchrun: one process per device; process 0 writes checkpoints, logs and results
     lead = args.rank == 0
     if args.world_size > 1 and not lead:  # process 0 first: it writes what the checks may create (the testbed)
@@ -1063,7 +1118,7 @@ def main(args):
     teacher_templates = [args.template] if args.template else data.IMAGENET_TEMPLATES_PROMPTSRC
     teacher = prompts.FrozenTeacher(clip, classnames, teacher_templates) \
         if args.method in ("promptsrc", "prometar") else None
-    gpa_weights = prompts.gaussian_epoch_weights(args.epochs, GPA_MEAN, GPA_STD) \
+    gpa_weights = prompts.gaussian_epoch_weights(args.epochs, args.gpa_mean, args.gpa_std) \
         if args.method == "promptsrc" else None
     gate = meta.GradientModulator({k: v.shape for k, v in params.items()}, args.dim_rate).to(device) \
         if args.method == "prometar" else None
@@ -1312,7 +1367,7 @@ def gram_task_tree(args, clip, pairs, device) -> tuple:
 def meta_train_gram(args):
     """`--method gram`: meta-train a prompt initialisation and its gradient regulators on image-caption pairs, with
     atomic checkpoints every --gram-checkpoint-every steps, `--resume`, log.jsonl, and <output-dir>/gram.pt at the end."""
-    start_time, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
+    start_time, device = time.time(), args.device
     start_distributed(args)  # torchrun: the meta-batch's tasks shared out; process 0 writes
     lead = args.rank == 0
     check_backbone(args.backbone)
@@ -1396,6 +1451,7 @@ def gram_file(args, learner, regulators) -> dict:
 def run(args):
     """main(args), or for `--target-domain all` main once per target domain of the DG suite (in <output-dir>/<target>)
     and then <output-dir>/results.json with the accuracy per target and their average (MetaPrompt's DG tables)."""
+    set_tf32(args.tf32)
     try:
         if args.method == "gram":
             return meta_train_gram(args)
@@ -1420,8 +1476,7 @@ def run_every_target(args):
         with open(done) as f:
             per_target[target] = json.load(f)["splits"]["test"]
     average = {k: sum(m[k] for m in per_target.values()) / len(per_target) for k in ("accuracy", "macro_f1")}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    write_results(args, {**per_target, "average": average}, device, time.time() - start_time)
+    write_results(args, {**per_target, "average": average}, args.device, time.time() - start_time)
     print(f"average over {len(per_target)} target domains: {average['accuracy']:.2f}; "
           f"results in {os.path.join(args.output_dir, 'results.json')}")
 
