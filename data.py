@@ -1429,6 +1429,16 @@ BOOKKEEPING_FLAGS = ("output_dir", "resume", "overwrite", "no_progress", "num_wo
                      "world_size", "compile", "compile_backend", "gram_checkpoint_every", "gram", "device")
 
 
+# train.py --gram-parts: which half of a GRAM file a run uses, and its run folder's suffix (<method><suffix>)
+GRAM_PARTS = {"both": "+gram", "init": "+gram-init", "regulator": "+gram-reg"}
+
+
+def run_method(config: dict) -> str:
+    """The method a run's folder and table row are named by: e.g. coop, coop+gram, coop+gram-init."""
+    suffix = GRAM_PARTS[config.get("gram_parts", "both")] if config.get("gram_sha256") else ""
+    return config.get("method", "?") + suffix
+
+
 def run_identity(config: dict, *also_ignored: str) -> dict:
     """What makes a run's results: its train.py configuration without the bookkeeping flags and `also_ignored`
     (--root only counts for your own folder, where it is the dataset), as JSON values."""

@@ -103,7 +103,7 @@ def scan(output) -> list:
         else:
             dataset = data.folder_run_name(config["root"]) if config.get("dataset") == "folder" else \
                 config.get("dataset", "?")
-            method = config.get("method", "?") + ("+gram" if config.get("gram_sha256") else "")
+            method = data.run_method(config)
         shots = config.get("shots", int(parts[-2].removeprefix("shots_")) if laid_out and
                            parts[-2].removeprefix("shots_").isdigit() else BASE2NEW_SHOTS)
         label = method if protocol in ("fewshot", "multi_source_dg") else \
@@ -509,8 +509,9 @@ def checkpoint_learner(ckpt, clip, classnames, dataset):
     return learner
 
 
-def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num_workers=None) -> dict:
-    """Accuracy and macro-F1 of saved prompts on `dataset`'s test set restricted to `subsample` classes."""
+def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num_workers=None, split="test") -> dict:
+    """Accuracy and macro-F1 of saved prompts on `dataset`'s test set (split="val": its validation set, CoOp's
+    few-shot draw of at most 4 images per class for the run's seed) restricted to `subsample` classes."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     num_workers = data.default_num_workers() if num_workers is None else num_workers
     ckpt = read_run(checkpoint)  # a run folder or a prompts.pt / checkpoint.pt
@@ -519,8 +520,9 @@ def evaluate_checkpoint(checkpoint, dataset, root, subsample, backbone=None, num
         testbed.ensure_dataset(dataset, root)
     data.check_request(dataset, root, config["shots"], False, config.get("target_domain"))  # before the backbone
     clip = clip_model.load(backbone or config["backbone"], device=device)
-    _, _, test, classnames = data.build_dataset(dataset, root, shots=config["shots"], seed=config["seed"],
-                                                subsample=subsample, target_domain=config.get("target_domain"))
+    _, val, test, classnames = data.build_dataset(dataset, root, shots=config["shots"], seed=config["seed"],
+                                                  subsample=subsample, target_domain=config.get("target_domain"))
+    test = val if split == "val" else test
     learner, dtype = checkpoint_learner(ckpt, clip, classnames, dataset), prompts.default_dtype(device)
     if isinstance(learner, prompts.FROZEN_IMAGE):  # CLIP's own image features, cached per backbone (as train.py)
         tag = prompts.feature_tag(clip, backbone or config["backbone"], dtype)
@@ -629,6 +631,8 @@ def main(argv=None):
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--root", default="data")
     ev.add_argument("--subsample", default="new", choices=["base", "new", "all"])
+    ev.add_argument("--split", default="test", choices=["test", "val"], help="val: the validation images of the run's "
+                    "few-shot draw (at most 4 a class), for choosing settings without looking at the test set")
     ev.add_argument("--backbone", default=None, help="default: the one the checkpoint was trained with")
     ev.add_argument("--num-workers", type=int, default=data.default_num_workers(),
                     help=f"loader processes (default: {data.NUM_WORKERS}, at most one per core)")
@@ -691,8 +695,8 @@ def main(argv=None):
             print(prediction_table(results))
         return
     metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.subsample, args.backbone,
-                                  args.num_workers)
-    print(json.dumps({args.subsample: metrics}))
+                                  args.num_workers, args.split)
+    print(json.dumps({args.subsample: metrics} if args.split == "test" else {args.subsample: metrics, "split": "val"}))
 
 
 if __name__ == "__main__":

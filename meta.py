@@ -26,6 +26,7 @@ Shape legend: P a parameter's shape, D = numel(P), r channels sharing one gate (
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -373,12 +374,13 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iterations: int 
 
 
 def hierarchical_clusters(text_features: torch.Tensor, image_features: torch.Tensor, *, k_text: int, k_image: int,
-                          min_size: int, seed: int = 0) -> torch.Tensor:
+                          min_size: int, seed: int = 0) -> tuple:
     """Cross-modal hierarchical clustering (reconstruction): level 1, k-means of the frozen text embeddings (N, E)
     into concepts; level 2, k-means of the image embeddings inside each concept into visual sub-populations. The
     leaves are the meta-training domains; a leaf with fewer than `min_size` pairs (a support and a disjoint query
-    set) is dropped. k_image=1 gives the flat fallback (SUPMER: flat clusters per data source). Returns the leaf id
-    of every pair (N,), 0..L-1 in order of first appearance, -1 for dropped pairs. Deterministic for a seed."""
+    set) is dropped, one of exactly `min_size` kept. k_image=1 gives the flat fallback (SUPMER: flat clusters per data
+    source). Returns (the leaf id of every pair (N,), 0..L-1 in order of first appearance, -1 for dropped pairs; the
+    concept id of every pair (N,)). Deterministic for a seed."""
     generator = torch.Generator().manual_seed(seed)
     concepts = kmeans(F.normalize(text_features.float(), dim=-1), k_text, generator)  # (N,)
     leaves = torch.full_like(concepts, -1)
@@ -391,7 +393,7 @@ def hierarchical_clusters(text_features: torch.Tensor, image_features: torch.Ten
             if len(chosen) >= min_size:
                 leaves[chosen] = next_id
                 next_id += 1
-    return leaves
+    return leaves, concepts
 
 
 def leaf_centroids(image_features: torch.Tensor, leaves: torch.Tensor) -> torch.Tensor:
@@ -400,13 +402,34 @@ def leaf_centroids(image_features: torch.Tensor, leaves: torch.Tensor) -> torch.
     return torch.stack([normalised[leaves == j].mean(0) for j in range(int(leaves.max()) + 1)])
 
 
+NEGATIVE_SOURCES = ("other_concepts", "in_batch")
+
+
+class Episode(NamedTuple):
+    """One meta-training task's pair indices (each (batch,)) and leaves."""
+
+    support: torch.Tensor
+    query: torch.Tensor
+    augmentation: torch.Tensor  # the mixing partner: an augmentation query set from another leaf
+    leaf: int
+    augmentation_leaf: int
+    negatives: torch.Tensor | None  # pairs of other concepts (negatives="other_concepts"), None for in-batch InfoNCE
+
+
 def sample_episodes(leaves: torch.Tensor, n_tasks: int, batch: int, generator: torch.Generator,
-                    partner_any_leaf: bool = False) -> list:
+                    partner_any_leaf: bool = False, concepts: torch.Tensor | None = None,
+                    negatives: str = "other_concepts") -> list:
     """SUPMER: pretrain/metatask/*.py: n_tasks distinct leaves; per task a support and a disjoint query set of `batch`
     pairs, both from the task's leaf, and an augmentation query set of `batch` pairs (the mixing partner) from
     another leaf, drawn uniformly (reconstruction: GRAM simulates a domain shift; partner_any_leaf=True is SUPMER's
-    draw over all leaves, the task's own included). Returns [(support idx, query idx, augmentation idx, leaf,
-    augmentation leaf)], index tensors (batch,)."""
+    draw over all leaves, the task's own included).
+    negatives="other_concepts" (SUPMER's tasks contrast a domain's examples with candidates from other clusters,
+    NextSentence/SentSelection tasks): `batch` negative pairs drawn uniformly from the pairs whose concept is neither
+    the task's nor its partner's, so that no caption of the task's own concept (often the same words) is a negative;
+    negatives="in_batch": none, the InfoNCE of a set contrasts its own pairs (same-leaf episodes, the ablation).
+    Returns [Episode], in this draw order: leaves, then per task its order, partner leaf, partner, negatives."""
+    if negatives not in NEGATIVE_SOURCES:
+        raise ValueError(f"negatives must be one of {NEGATIVE_SOURCES}, not {negatives!r}")
     n_leaves = int(leaves.max()) + 1
     if n_leaves < max(n_tasks, 2):
         raise ValueError(f"{n_leaves} leaves: a meta-batch of {n_tasks} tasks needs at least {max(n_tasks, 2)}")
@@ -421,7 +444,15 @@ def sample_episodes(leaves: torch.Tensor, n_tasks: int, batch: int, generator: t
             other += int(other >= leaf)  # uniform over the other leaves
         pool = (leaves == other).nonzero().flatten()
         augmentation = pool[torch.randperm(len(pool), generator=generator)[:batch]]
-        tasks.append((order[:batch], order[batch:2 * batch], augmentation, leaf, other))
+        drawn = None
+        if negatives == "other_concepts":
+            excluded = torch.isin(concepts, concepts[torch.cat([members[:1], pool[:1]])])  # the task's, the partner's
+            candidates = (~excluded).nonzero().flatten()
+            if len(candidates) < batch:
+                raise ValueError(f"{len(candidates)} pairs outside the concepts of leaves {leaf} and {other}: fewer "
+                                 f"than the {batch} negatives a task needs")
+            drawn = candidates[torch.randperm(len(candidates), generator=generator)[:batch]]
+        tasks.append(Episode(order[:batch], order[batch:2 * batch], augmentation, leaf, other, drawn))
     return tasks
 
 
@@ -450,31 +481,52 @@ def gate_regularizer(gate: torch.Tensor, domain_similarity: float, agreement: fl
     return (0.5 * domain_similarity + 0.5 * agreement - gate) ** 2
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, negative_image=None,
+                     negative_text=None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE (CLIP arXiv:2103.00020v1 Fig. 3) of pre-normalisation features (B, E), (B, E), with
-    the frozen logit scale: (CE(s V W^T, i) + CE(s W V^T, i)) / 2."""
+    the frozen logit scale: (CE(s V W^T, i) + CE(s W V^T, i)) / 2. With negatives (N, E) each (other concepts' pairs,
+    sample_episodes): pair j's image is scored against its caption and the N negative captions, its caption against
+    its image and the N negative images (the other pairs of the set are not candidates)."""
     v, w = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-    logits = scale * v @ w.t()  # (B, B)
-    target = torch.arange(len(v), device=v.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    if negative_image is None:
+        logits = scale * v @ w.t()  # (B, B)
+        target = torch.arange(len(v), device=v.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    nv, nw = F.normalize(negative_image, dim=-1), F.normalize(negative_text, dim=-1)  # (N, E)
+    positive = scale * (v * w).sum(-1, keepdim=True)  # (B, 1)
+    image_to_text = torch.cat([positive, scale * v @ nw.t()], dim=1)  # (B, 1 + N)
+    text_to_image = torch.cat([positive, scale * w @ nv.t()], dim=1)  # (B, 1 + N)
+    target = torch.zeros(len(v), dtype=torch.long, device=v.device)
+    return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
 
 
-def mixup_contrastive_loss(image_q, text_q, image_a, text_a, lam: float, scale) -> torch.Tensor:
+def mixup_contrastive_loss(image_q, text_q, image_a, text_a, lam: float, scale, negative_image=None,
+                           negative_text=None) -> torch.Tensor:
     """The query loss with the augmentation batch mixed in (SUPMER mixes encoder outputs with a mixed one-hot target;
-    reconstruction: this CLIP form). Mixed features lam * query + (1 - lam) * augmentation, normalised, scored against
-    the 2B candidates of both batches; soft target lam on candidate j, 1 - lam on candidate B + j. lam = 1: InfoNCE
-    on the query batch with B extra negatives."""
+    reconstruction: this CLIP form). Mixed features lam * query + (1 - lam) * augmentation, normalised, scored
+    against candidates with the soft target lam on the query pair's feature and 1 - lam on the augmentation pair's:
+    without negatives the 2B features of both batches (lam = 1: InfoNCE on the query batch with B extra negatives);
+    with negatives (N, E) each, row j's own two features and the N negatives."""
     b = len(image_q)
-    candidates_v = F.normalize(torch.cat([image_q, image_a]), dim=-1)  # (2B, E)
-    candidates_w = F.normalize(torch.cat([text_q, text_a]), dim=-1)  # (2B, E)
     mixed_v = F.normalize(lam * image_q + (1 - lam) * image_a, dim=-1)  # (B, E)
     mixed_w = F.normalize(lam * text_q + (1 - lam) * text_a, dim=-1)  # (B, E)
-    target = torch.zeros(b, 2 * b, dtype=image_q.dtype, device=image_q.device)
-    target[torch.arange(b), torch.arange(b)] = lam
-    target[torch.arange(b), b + torch.arange(b)] += 1 - lam
-    text_to_image = -(target * F.log_softmax(scale * mixed_w @ candidates_v.t(), dim=-1)).sum(-1).mean()
-    image_to_text = -(target * F.log_softmax(scale * mixed_v @ candidates_w.t(), dim=-1)).sum(-1).mean()
-    return (text_to_image + image_to_text) / 2
+    vq, va = F.normalize(image_q, dim=-1), F.normalize(image_a, dim=-1)
+    wq, wa = F.normalize(text_q, dim=-1), F.normalize(text_a, dim=-1)
+    if negative_image is None:
+        text_to_image = scale * mixed_w @ torch.cat([vq, va]).t()  # (B, 2B)
+        image_to_text = scale * mixed_v @ torch.cat([wq, wa]).t()  # (B, 2B)
+        target = torch.zeros(b, 2 * b, dtype=image_q.dtype, device=image_q.device)
+        target[torch.arange(b), torch.arange(b)] = lam
+        target[torch.arange(b), b + torch.arange(b)] += 1 - lam
+    else:
+        nv, nw = F.normalize(negative_image, dim=-1), F.normalize(negative_text, dim=-1)  # (N, E)
+        own = lambda mixed, q, a: torch.stack([(mixed * q).sum(-1), (mixed * a).sum(-1)], dim=1)  # (B, 2)
+        text_to_image = scale * torch.cat([own(mixed_w, vq, va), mixed_w @ nv.t()], dim=1)  # (B, 2 + N)
+        image_to_text = scale * torch.cat([own(mixed_v, wq, wa), mixed_v @ nw.t()], dim=1)  # (B, 2 + N)
+        target = torch.zeros_like(text_to_image)
+        target[:, 0], target[:, 1] = lam, 1 - lam
+    soft_ce = lambda logits: -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return (soft_ce(text_to_image) + soft_ce(image_to_text)) / 2
 
 
 def regulated_inner_update(loss_fn, params: dict, regulate, support, *, alpha: float,
@@ -484,14 +536,36 @@ def regulated_inner_update(loss_fn, params: dict, regulate, support, *, alpha: f
     phi through psi, so the outer loss at theta' gives phi its exact gradient and theta the first-order one.
     `loss_fn(params, batch) -> (loss, {name: context e})`; `regulate(name, grad, context) -> (regulated, gate)`;
     `loss_scale`: fp16 loss scaling of g_s (scaled_grad).
-    Returns (theta', {name: psi(g_s)}, {name: gate c}, the support loss, {name: context})."""
+    Returns (theta', {name: psi(g_s)}, {name: gate c}, the support loss, {name: context}, {name: g_s})."""
     loss, contexts = loss_fn(params, support)
     grads = scaled_grad(loss, list(params.values()), loss_scale, create_graph=second_order)
     regulated, gates = {}, {}
     contexts = {name: contexts[name].detach() for name in params}
     for (name, p), g in zip(params.items(), grads, strict=True):
         regulated[name], gates[name] = regulate(name, g, contexts[name])
-    return {n: p - alpha * regulated[n] for n, p in params.items()}, regulated, gates, loss.detach(), contexts
+    raw = dict(zip(params, grads, strict=True))
+    return {n: p - alpha * regulated[n] for n, p in params.items()}, regulated, gates, loss.detach(), contexts, raw
+
+
+def regulation_diagnostics(params: dict, raw: dict, regulated: dict, gates: dict, step_size: float) -> dict:
+    """What a regulated step does (GRAM's diagnostics, over all prompt tensors together): step_ratio =
+    ||step_size psi(g)|| / ||theta||, the regulated step's size against the prompts'; cos = cos(psi(g), g) of the
+    flattened gradients (1: the regulator keeps the direction); gate = the mean gate c over the regulators that have
+    one (NaN for none: Meta-SGD scaling)."""
+    flat = lambda tensors: torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    theta, g, psi = flat(params.values()), flat(raw.values()), flat(regulated.values())
+    values = [float(c.detach()) for c in gates.values() if c is not None]
+    return {"step_ratio": float(step_size * psi.norm() / theta.norm()),
+            "cos": float(F.cosine_similarity(psi, g, dim=0)),
+            "gate": sum(values) / len(values) if values else math.nan}
+
+
+def distance_from(module: nn.Module, initial: dict) -> float:
+    """||phi - phi_0|| / ||phi_0|| over all parameters of `module` against its initial state dict (how far
+    meta-training has moved the regulators)."""
+    now = torch.cat([p.detach().reshape(-1).double() for _, p in sorted(module.named_parameters())])
+    then = torch.cat([initial[n].reshape(-1).double().to(now.device) for n, _ in sorted(module.named_parameters())])
+    return float((now - then).norm() / then.norm())
 
 
 class RegulatorBank(nn.Module):

@@ -243,14 +243,16 @@ class CoOp(nn.Module):
 
     def forward(self, images: torch.Tensor, captions: "TextPrompts | None" = None, with_context: bool = False):
         """PromptedOutput over the learner's classes; with `captions` (caption_prompts of the batch) the PairOutput of
-        the image-caption pairs instead; with_context=True adds the text encoder's context (GRAM)."""
+        the image-caption pairs instead, `images` then also taking CLIP's image features (B, E) computed once (GRAM's
+        meta-training); with_context=True adds the text encoder's context (GRAM)."""
         if captions is None and not with_context:
             return self.classify(self.clip.encode_image(images))
         if self.ctx.dim() == 3:
             raise ValueError("GRAM needs a shared context: class-specific CoOp contexts cannot prompt captions")
         text_features, context = self.prompted_text(captions, return_context=True)  # (N, E), (D,)
         if captions is not None:
-            return PairOutput(self.clip.encode_image(images), text_features, {"text": context})
+            image_features = images if images.dim() == 2 else self.clip.encode_image(images)  # (B, E)
+            return PairOutput(image_features, text_features, {"text": context})
         return prompted_output(self.clip, self.clip.encode_image(images), F.normalize(text_features, dim=-1),
                                {"text": context})
 

@@ -8,6 +8,7 @@ CoOp's published few-shot selections, finite differences.
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -2719,22 +2720,65 @@ def test_clustering_is_deterministic_and_episodes_keep_their_leaves():
     centres = torch.randn(6, 16, generator=g) * 3
     text = centres.repeat_interleave(80, 0) + 0.1 * torch.randn(480, 16, generator=g)
     image = text + 0.5 * torch.randn(480, 16, generator=g)
-    leaves = meta.hierarchical_clusters(text, image, k_text=6, k_image=2, min_size=32, seed=3)
-    assert torch.equal(leaves, meta.hierarchical_clusters(text, image, k_text=6, k_image=2, min_size=32, seed=3))
+    leaves, concepts = meta.hierarchical_clusters(text, image, k_text=6, k_image=2, min_size=32, seed=3)
+    again = meta.hierarchical_clusters(text, image, k_text=6, k_image=2, min_size=32, seed=3)
+    assert torch.equal(leaves, again[0]) and torch.equal(concepts, again[1])
     kept = leaves[leaves >= 0]
     assert sorted(torch.unique(kept).tolist()) == list(range(int(kept.max()) + 1))
     assert all((leaves == j).sum() >= 32 for j in torch.unique(kept).tolist())
     concept = torch.arange(480) // 80
-    for j in torch.unique(kept).tolist():  # a leaf never mixes two concepts
-        assert len(torch.unique(concept[leaves == j])) == 1
-    flat = meta.hierarchical_clusters(text, image, k_text=6, k_image=1, min_size=2, seed=0)
+    for j in torch.unique(kept).tolist():  # a leaf never mixes two concepts, and its concept is the one recorded
+        assert len(torch.unique(concept[leaves == j])) == 1 and len(torch.unique(concepts[leaves == j])) == 1
+    assert len(torch.unique(concepts)) == 6
+    flat, _ = meta.hierarchical_clusters(text, image, k_text=6, k_image=1, min_size=2, seed=0)
     assert len(torch.unique(flat)) == 6
-    episodes = meta.sample_episodes(leaves, 3, 16, torch.Generator().manual_seed(0))
-    assert len({leaf for *_, leaf, _ in episodes}) == 3
-    for support, query, partner, leaf, other in episodes:
-        assert len(support) == len(query) == 16 and not set(support.tolist()) & set(query.tolist())
-        assert (leaves[support] == leaf).all() and (leaves[query] == leaf).all()
-        assert other != leaf and (leaves[partner] == other).all()
+    episodes = meta.sample_episodes(leaves, 3, 16, torch.Generator().manual_seed(0), negatives="in_batch")
+    assert len({e.leaf for e in episodes}) == 3
+    for e in episodes:
+        assert len(e.support) == len(e.query) == 16 and not set(e.support.tolist()) & set(e.query.tolist())
+        assert (leaves[e.support] == e.leaf).all() and (leaves[e.query] == e.leaf).all()
+        assert e.augmentation_leaf != e.leaf and (leaves[e.augmentation] == e.augmentation_leaf).all()
+        assert e.negatives is None
+
+
+def test_a_leaf_of_exactly_the_minimum_size_is_kept():
+    """Two concepts, each of two visual sub-populations far apart: 32 + 8 pairs and 31 + 33. With min_size 32 the
+    leaves are exactly the 32 and the 33 (a set of exactly min_size holds a support and a disjoint query set)."""
+    import meta
+    g = torch.Generator().manual_seed(0)
+    axis = torch.eye(8)  # the clustering compares directions: each group its own axis, a little noise
+    concept_of, population_of = [0] * 40 + [1] * 64, [2] * 32 + [3] * 8 + [4] * 31 + [5] * 33
+    text = axis[concept_of] + 0.01 * torch.randn(104, 8, generator=g)
+    image = axis[population_of] + 0.01 * torch.randn(104, 8, generator=g)
+    leaves, _ = meta.hierarchical_clusters(text, image, k_text=2, k_image=2, min_size=32, seed=0)
+    sizes = sorted(int((leaves == j).sum()) for j in torch.unique(leaves[leaves >= 0]).tolist())
+    assert sizes == [32, 33]
+    assert (leaves[:32] >= 0).all() and (leaves[32:40] == -1).all() and (leaves[40:71] == -1).all()
+
+
+def test_negatives_come_from_other_concepts_than_the_task_and_its_partner():
+    """A hand-built set: 5 concepts, concept 0 split into leaves 0 and 1, concepts 1..4 one leaf each (leaves 2..5),
+    40 pairs per leaf. Every task's 8 negatives are 8 distinct pairs whose concept is neither the task's nor its
+    partner's (so never a pair of the task's sibling leaf); in_batch draws none and leaves the other draws as they
+    were."""
+    import meta
+    leaves = torch.arange(6).repeat_interleave(40)
+    concepts = torch.tensor([0, 0, 1, 2, 3, 4]).repeat_interleave(40)
+    seen_sibling_task = False
+    for seed in range(20):
+        episodes = meta.sample_episodes(leaves, 3, 8, torch.Generator().manual_seed(seed), concepts=concepts)
+        for e in episodes:
+            excluded = {int(concepts[e.support[0]]), int(concepts[e.augmentation[0]])}
+            assert len(e.negatives) == len(set(e.negatives.tolist())) == 8
+            assert not excluded & set(concepts[e.negatives].tolist())
+            if e.leaf in (0, 1):
+                assert not set(leaves[e.negatives].tolist()) & {0, 1}  # the sibling leaf shares the concept
+                seen_sibling_task = True
+        plain = meta.sample_episodes(leaves, 3, 8, torch.Generator().manual_seed(seed), concepts=concepts,
+                                     negatives="in_batch")
+        for e, p in zip(episodes[:1], plain[:1]):  # the first task's draws come before any negative draw
+            assert torch.equal(e.support, p.support) and torch.equal(e.augmentation, p.augmentation)
+    assert seen_sibling_task
 
 
 def test_curriculum_starts_without_mixing_and_ends_uniform():
@@ -2763,6 +2807,21 @@ def test_contrastive_losses_by_hand():
     t2i, i2t = (scale * mw @ cv.t()).log_softmax(1), (scale * mv @ cw.t()).log_softmax(1)
     hand_mix = -sum(lam * m[j, j] + (1 - lam) * m[j, 4 + j] for m in (t2i, i2t) for j in range(4)) / 8
     torch.testing.assert_close(meta.mixup_contrastive_loss(v, w, va, wa, lam, scale), hand_mix)
+    # with negatives (other concepts' pairs): row j scores its own partner and the 3 negatives, nothing else
+    negv, negw = (torch.randn(3, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)
+    rows = []
+    for j in range(4):
+        i2t = (scale * unit(v[j]) @ unit(torch.cat([w[j:j + 1], negw])).t()).log_softmax(0)
+        t2i = (scale * unit(w[j]) @ unit(torch.cat([v[j:j + 1], negv])).t()).log_softmax(0)
+        rows.append(-(i2t[0] + t2i[0]) / 2)
+    torch.testing.assert_close(meta.contrastive_loss(v, w, scale, negv, negw), sum(rows) / 4)
+    rows = []
+    for j in range(4):
+        t2i = (scale * mw[j] @ unit(torch.cat([v[j:j + 1], va[j:j + 1], negv])).t()).log_softmax(0)
+        i2t = (scale * mv[j] @ unit(torch.cat([w[j:j + 1], wa[j:j + 1], negw])).t()).log_softmax(0)
+        rows.append(-(lam * (t2i[0] + i2t[0]) + (1 - lam) * (t2i[1] + i2t[1])) / 2)
+    torch.testing.assert_close(meta.mixup_contrastive_loss(v, w, va, wa, lam, scale, negv, negw), sum(rows) / 4)
     agreement = meta.gradient_agreement(v, v)
     assert agreement == pytest.approx(1.0) and meta.gradient_agreement(v, -v) == pytest.approx(0.0)
     c = torch.tensor(0.2, requires_grad=True)
@@ -2795,6 +2854,16 @@ def test_gram_pipeline_meta_train_resume_and_plug_in(harness, gram_pairs, tmp_pa
     log = [json.loads(line) for line in (tmp_path / "gram" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2, 3] and all(math.isfinite(r["outer"]) for r in log)
     assert log[0]["lam"] > 0.999  # the curriculum starts without mixing
+    # SUPMER meta.py:205-210: s starts at the first step's mean task agreement, then a running mean of weight 1/2
+    assert log[0]["agreement"] == pytest.approx(log[0]["similarity"], abs=1e-12)
+    for before, now in itertools.pairwise(log):
+        assert now["agreement"] == pytest.approx(0.5 * before["agreement"] + 0.5 * now["similarity"], abs=1e-12)
+    assert all(r["step_ratio"] > 0 and -1 - 1e-9 <= r["cos"] <= 1 + 1e-9 for r in log)
+    assert log[0]["regulator_moved"] > 0 and log[-1]["regulator_moved"] > log[0]["regulator_moved"]
+    norms = gram["config"]["context_norm"], gram["config"]["token_embedding_norm"]
+    assert norms[0] == pytest.approx(float(gram["prompts"]["ctx"].norm(dim=-1).mean()))
+    tiny_clip = clip_model.load(harness / "tiny.pt", device="cpu")
+    assert norms[1] == pytest.approx(float(tiny_clip.token_embedding.weight.detach().norm(dim=-1).mean()))
     save = train.save_atomic
 
     def killed_after_first_checkpoint(obj, path):
@@ -2826,6 +2895,29 @@ def test_gram_pipeline_meta_train_resume_and_plug_in(harness, gram_pairs, tmp_pa
     results = json.loads((tmp_path / "coop2" / "results.json").read_text())
     assert calls and set(calls) == {"ctx"} and results["config"]["gram"] == str(tmp_path / "gram" / "gram.pt")
     assert results["config"]["gram_sha256"] == clip_model.sha256_of(tmp_path / "gram" / "gram.pt")
+    logged = read_log(tmp_path / "coop2")
+    assert all(r["gram_step_ratio"] > 0 and 0 < r["gram_gate"] <= 1 for r in logged)  # the diagnostics, per step
+    # --gram-parts: the initialisation alone trains with plain gradients; the regulator alone from CoOp's own start
+    file = str(tmp_path / "gram" / "gram.pt")
+    calls.clear()
+    run_train(harness, tmp_path / "init", "--method", "coop", "--n-ctx", "4", "--epochs", "1", "--gram", file,
+              "--gram-parts", "init")
+    run_train(harness, tmp_path / "init0", "--method", "coop", "--n-ctx", "4", "--epochs", "0", "--gram", file,
+              "--gram-parts", "init")
+    assert not calls and "gram_step_ratio" not in read_log(tmp_path / "init")[0]
+    assert torch.equal(torch.load(tmp_path / "init0" / "prompts.pt", weights_only=True)["prompts"]["ctx"],
+                       gram["prompts"]["ctx"])
+    run_train(harness, tmp_path / "reg0", "--method", "coop", "--n-ctx", "4", "--epochs", "0", "--gram", file,
+              "--gram-parts", "regulator")
+    run_train(harness, tmp_path / "plain0", "--method", "coop", "--n-ctx", "4", "--epochs", "0")
+    own = torch.load(tmp_path / "plain0" / "prompts.pt", weights_only=True)["prompts"]["ctx"]
+    assert torch.equal(torch.load(tmp_path / "reg0" / "prompts.pt", weights_only=True)["prompts"]["ctx"], own)
+    run_train(harness, tmp_path / "reg", "--method", "coop", "--n-ctx", "4", "--epochs", "1", "--gram", file,
+              "--gram-parts", "regulator")
+    assert calls and not torch.equal(own, gram["prompts"]["ctx"])
+    names = {part: train.parse_args(["--method", "coop", "--gram", file, "--gram-parts", part]).output_dir.split("/")[3]
+             for part in ("both", "init", "regulator")}
+    assert names == {"both": "coop+gram", "init": "coop+gram-init", "regulator": "coop+gram-reg"}
 
 
 def test_gram_pipeline_for_ivlp(harness, gram_pairs, tmp_path):
@@ -2867,10 +2959,26 @@ def test_gram_regulated_downstream_step_by_hand(tiny):
     with torch.no_grad():
         regulated = bank("ctx", grad, context)[0]
     optimizer, _ = train.build_optimizers(args, prompts.prompt_parameters(learner), None)
-    train.sgd_step(args, learner, None, optimizer, torch.amp.GradScaler(enabled=False), images, labels, "cpu", bank)
+    diagnostics = {}
+    train.sgd_step(args, learner, None, optimizer, torch.amp.GradScaler(enabled=False), images, labels, "cpu", bank,
+                   diagnostics)
     expected = hand_sgd(ctx0, regulated, None, 0.1, MOM, WD)[0]
     torch.testing.assert_close(learner.ctx.detach(), expected, rtol=1e-10, atol=1e-13)
     assert not torch.allclose(expected, hand_sgd(ctx0, grad, None, 0.1, MOM, WD)[0])  # the regulator matters
+    # the step's diagnostics by hand: ||lr psi(g)|| / ||theta||, cos(psi(g), g), the gate of this context
+    assert diagnostics["step_ratio"] == pytest.approx(float(0.1 * regulated.norm() / ctx0.norm()), rel=1e-10)
+    cosine = float((regulated * grad).sum() / (regulated.norm() * grad.norm()))
+    assert diagnostics["cos"] == pytest.approx(cosine, rel=1e-10) and cosine < 0.999
+    assert diagnostics["gate"] == pytest.approx(float(bank.gate("ctx", context)), rel=1e-10)
+    # an untrained identity-start regulator (--gram-regulator identity) takes plain CoOp's step exactly
+    identity = meta.RegulatorBank({"ctx": learner.ctx.shape}, prompts.modality, kind="identity").double()
+    with torch.no_grad():
+        learner.ctx.copy_(ctx0)
+    optimizer, _ = train.build_optimizers(args, prompts.prompt_parameters(learner), None)
+    train.sgd_step(args, learner, None, optimizer, torch.amp.GradScaler(enabled=False), images, labels, "cpu",
+                   identity)
+    torch.testing.assert_close(learner.ctx.detach(), hand_sgd(ctx0, grad, None, 0.1, MOM, WD)[0], rtol=1e-10,
+                               atol=1e-13)
 
 
 def write_pairs_csv(path, rows, header=("filepath", "title")):
@@ -3851,6 +3959,17 @@ def test_evaluate_takes_a_run_folder_and_warns_about_no_workers(harness, tmp_pat
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"new": trained}
     assert "warning" not in result.stderr.lower(), result.stderr
+    # --split val: the run's validation draw (min(shots, 4) images a class), not the test images
+    import eval as evaluation
+    ckpt = evaluation.read_run(tmp_path / "run")
+    _, val, test, names = data.build_dataset("synthetic", harness / "data", shots=2, seed=1, subsample="new")
+    assert len(val) == 2 * len(names) and not {d.impath for d in val} & {d.impath for d in test}
+    clip = clip_model.load(ckpt["config"]["backbone"], device="cpu")
+    learner = evaluation.checkpoint_learner(ckpt, clip, names, "synthetic")
+    loader = data.build_loader(val, train=False, size=clip.visual.input_resolution, num_workers=0)
+    expected = data.classification_metrics(*prompts.predict(learner, loader, "cpu", torch.float32))
+    assert evaluation.evaluate_checkpoint(tmp_path / "run", "synthetic", harness / "data", "new", num_workers=0,
+                                          split="val") == expected
 
 
 def test_runs_are_never_overwritten_or_mixed(harness, tmp_path, monkeypatch, capsys):

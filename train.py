@@ -38,6 +38,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -112,6 +113,12 @@ TESTBED_CHECKPOINT = str(testbed.CHECKPOINT)
 # cores), and CoOp 4 random context vectors in every protocol (its 16 do not fit the testbed's 16-token context;
 # CoCoOp's base-to-new CoOp starts from "a photo of a", the testbed's recorded tables from random vectors).
 GRAM_STEPS = 2000  # reconstruction: SUPMER runs 100k on T5; the testbed's pairs need far fewer
+# SUPMER's regulator: Adam at 1e-4 for 100,000 linearly decaying steps (pretrain_args.py, scripts/meta-train.sh), so
+# each weight can travel up to lr x steps / 2 = 5 from its N(0, 1) start. We run ~1,000 steps: at 1e-4 the weights
+# would move 0.05, and the regulator would stay its random start. The default lr keeps SUPMER's travel at our step
+# count (reconstruction: the budget, not the rate, is what carries over).
+SUPMER_REGULATOR_TRAVEL = 1e-4 * 100_000
+GRAM_PARTS = data.GRAM_PARTS  # --gram-parts: the 2 x 2 ablation's halves, and the run folder's suffix of each
 TESTBED_DATASETS = testbed.DATASETS  # written by testbed.py, trained with the shipped small CLIP
 TESTBED_DEFAULTS = {"backbone": TESTBED_CHECKPOINT, "text_depth": 3, "vision_depth": 3, "num_workers": 0,
                     "epochs": 8, "batch_size": 4, "lr": 0.002, "n_ctx": 4}
@@ -224,6 +231,9 @@ def parse_args(argv=None):
     p.add_argument("--csv-separator", default=data.CSV_SEPARATOR, help="open_clip's --csv-separator (a tab)")
     p.add_argument("--gram", default=None, help="downstream: a gram.pt written by --method gram; CoOp / IVLP start "
                    "from its prompts and pass every prompt gradient through its frozen regulators")
+    p.add_argument("--gram-parts", default="both", choices=GRAM_PARTS, help="downstream ablation: which half of the "
+                   "--gram file to use: both, the initialisation alone (plain gradients), or the regulator alone (from "
+                   "the method's own initialisation); runs go to <method>" + "/<method>".join(GRAM_PARTS.values()))
     p.add_argument("--gram-steps", type=int, default=GRAM_STEPS, help="outer steps of meta-training")
     p.add_argument("--gram-checkpoint-every", type=int, default=100, help="outer steps between atomic checkpoints")
     p.add_argument("--gram-tasks", type=int, default=4, help="tasks per meta-batch (SUPMER: 4)")
@@ -231,7 +241,8 @@ def parse_args(argv=None):
     p.add_argument("--gram-alpha", type=float, default=0.002, help="inner step size (reconstruction: CoOp's lr)")
     p.add_argument("--gram-prompt-lr", type=float, default=1e-3, help="Adam lr of the prompt initialisation "
                    "(reconstruction; SUPMER's 0.1 is T5-scale)")
-    p.add_argument("--gram-regulator-lr", type=float, default=1e-4, help="Adam lr of the regulators (SUPMER: 1e-4)")
+    p.add_argument("--gram-regulator-lr", type=float, default=None, help="Adam lr of the regulators (default: "
+                   f"{SUPMER_REGULATOR_TRAVEL:g} / --gram-steps, SUPMER's 1e-4 x 100,000 steps of travel)")
     p.add_argument("--gram-clip", type=float, default=1.0, help="gradient-norm clip of prompts and regulators, "
                    "separately (SUPMER: 1)")
     p.add_argument("--gram-k-text", type=int, default=100, help="level-1 (caption) clusters (reconstruction)")
@@ -248,6 +259,10 @@ def parse_args(argv=None):
                    help="SUPMER's (code-only) gate regularizer (d_sim / 2 + s / 2 - c)^2")
     p.add_argument("--gram-partner-any-leaf", action="store_true",
                    help="SUPMER's mixing partner from any leaf, the task's own included (default: another leaf)")
+    p.add_argument("--gram-negatives", default="other_concepts", choices=meta.NEGATIVE_SOURCES,
+                   help="the task losses' negatives: pairs of other concepts than the task's and its partner's "
+                   "(SUPMER's tasks contrast across clusters), or the set's own pairs (in_batch: same-leaf episodes, "
+                   "where captions of one concept are each other's negatives)")
     p.add_argument("--device", default=None, choices=DEVICES, help="where to train and evaluate (default: cuda when a "
                    "GPU is visible, else cpu); under torchrun each process takes the GPU of its LOCAL_RANK")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
@@ -321,6 +336,7 @@ def parse_args(argv=None):
     if args.metaprompt_clean:
         for flag in METAPROMPT_RELEASED_FLAGS:
             setattr(args, flag, False)
+    args.gram_regulator_lr = args.gram_regulator_lr or SUPMER_REGULATOR_TRAVEL / max(args.gram_steps, 1)
     if args.method == "gram" and not args.pairs:
         p.error("--method gram meta-trains on image-caption pairs: pass --pairs PAIRS.csv "
                 "(python testbed.py pairs DIR writes one)")
@@ -346,7 +362,7 @@ def default_output_dir(args) -> str:
     is named with a digest of its absolute path (two folders called `images` never share a run folder), a run from
     a GRAM file as <method>+gram, an --eval-only run in a folder of its own."""
     dataset = data.folder_run_name(args.root) if args.dataset == "folder" else args.dataset
-    method = f"{args.method}+gram" if args.gram else args.method
+    method = args.method + (GRAM_PARTS[args.gram_parts] if args.gram else "")
     target = [str(args.target_domain)] if args.protocol == "multi_source_dg" and args.target_domain else []
     return os.path.join("output", args.protocol, dataset, method, f"shots_{data.shots_name(args.shots)}",
                         f"seed_{args.seed}", *target, *([f"eval_{args.subsample}"] if args.eval_only else []))
@@ -518,7 +534,8 @@ def read_gram_file(path, args) -> dict:
 
 def apply_gram(args, learner, gram):
     """Start `learner` from the GRAM initialisation `gram` (read_gram_file) and return its frozen regulators (None
-    without --gram)."""
+    without --gram); --gram-parts init keeps the method's plain gradients (no regulators), --gram-parts regulator the
+    method's own initial prompts."""
     if gram is None:
         return None
     expected = {k: list(v.shape) for k, v in prompts.prompt_parameters(learner).items()}
@@ -526,7 +543,10 @@ def apply_gram(args, learner, gram):
         raise clip_model.CheckpointError(f"--gram {args.gram} holds prompts {gram['config']['shapes']}, this "
                                          f"learner {expected}; use the same prompt flags (--n-ctx, --n-ctx-text, "
                                          "--n-ctx-vision, --text-depth, --vision-depth) as its meta-training")
-    prompts.load_prompts(learner, gram["prompts"])
+    if args.gram_parts in ("both", "init"):
+        prompts.load_prompts(learner, gram["prompts"])
+    if args.gram_parts == "init":
+        return None
     regulators = gram_regulators(args, learner, kind=gram["config"]["kind"], norm_mode=gram["config"]["norm_mode"])
     regulators.load_state_dict(gram["regulators"])
     return regulators.requires_grad_(False).eval()
@@ -781,11 +801,11 @@ def training_losses(args, learner, teacher, images, labels, with_context=False) 
     return losses, out.logits, out.contexts
 
 
-def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device, regulators=None):
+def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device, regulators=None, diagnostics=None):
     """One ordinary step on the training loss (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC) under --precision (fp16: with the
-    GradScaler). With GRAM's frozen
-    `regulators`, every prompt gradient is replaced by psi(g, e) after the backward and before the step (SUPMER:
-    model/trainer.py:829-836), e the batch's context of the prompt's encoder."""
+    GradScaler). With GRAM's frozen `regulators`, every prompt gradient is replaced by psi(g, e) after the backward
+    and before the step (SUPMER: model/trainer.py:829-836), e the batch's context of the prompt's encoder, and the
+    dict `diagnostics` receives what the regulation did (meta.regulation_diagnostics, at the live lr)."""
     part, weight = share(len(labels), args)  # torchrun: this process's part of the batch
     with autocast(args, device):
         losses, logits, contexts = training_losses(args, learner, teacher, images[part], labels[part],
@@ -797,14 +817,25 @@ def sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device, 
         contexts["vision"] = all_reduce_sum(args, weight * contexts["vision"].detach())
     if regulators is not None:
         scaler.unscale_(optimizer)
-        with torch.no_grad():
-            for name, p in prompts.prompt_parameters(learner).items():
-                if p.grad is not None:
-                    p.grad = regulators(name, p.grad, contexts[prompts.modality(name)].to(p.grad.dtype))[0]
+        regulate_gradients(learner, regulators, contexts, optimizer.param_groups[0]["lr"], diagnostics)
     scaler.step(optimizer)
     scaler.update()
     losses = {k: all_reduce_sum(args, weight * v.detach()) for k, v in losses.items()}
     return losses, gather_rows(args, logits)
+
+
+@torch.no_grad()
+def regulate_gradients(learner, regulators, contexts: dict, lr: float, diagnostics: dict | None = None):
+    """GRAM downstream: every prompt's .grad replaced by psi(g, e) of its frozen regulator; `diagnostics` (if given)
+    receives the step's size against the prompts at `lr`, cos(psi(g), g) and the mean gate."""
+    params = {k: p for k, p in prompts.prompt_parameters(learner).items() if p.grad is not None}
+    raw, regulated, gates = {}, {}, {}
+    for name, p in params.items():
+        raw[name] = p.grad
+        regulated[name], gates[name] = regulators(name, p.grad, contexts[prompts.modality(name)].to(p.grad.dtype))
+        p.grad = regulated[name]
+    if diagnostics is not None:
+        diagnostics.update(meta.regulation_diagnostics(params, raw, regulated, gates, lr))
 
 
 def prometar_losses(args, learner, teacher, params, batch) -> dict:
@@ -1123,6 +1154,7 @@ def main(args):
     gate = meta.GradientModulator({k: v.shape for k, v in params.items()}, args.dim_rate).to(device) \
         if args.method == "prometar" else None
     regulators = apply_gram(args, learner, gram)  # --gram: GRAM's initialisation and frozen regulators
+    diagnostics = {} if regulators is not None else None  # what each regulated step did, for log.jsonl
     optimizer, gate_optimizer = build_optimizers(args, params, gate)
     scaler = torch.amp.GradScaler(device, enabled=args.precision == "fp16")  # loss scaling for fp16 only
     ckpt_path, start_epoch, snapshots = os.path.join(args.output_dir, "checkpoint.pt"), 0, []
@@ -1162,12 +1194,12 @@ def main(args):
                                                  scaler)
             else:
                 losses, logits = sgd_step(args, learner, teacher, optimizer, scaler, images, labels, device,
-                                          regulators)
+                                          regulators, diagnostics)
             accuracy = (logits.argmax(-1) == labels).float().mean().item() * 100
             seen.append((sum(losses.values()).item(), accuracy))
             bar.set_postfix(loss=f"{seen[-1][0]:.4f}", acc=f"{accuracy:.1f}", lr=f"{lr:.2e}")
             tick = log_iteration(log, {"epoch": epoch, "iteration": iteration},
-                                 {**losses, "accuracy": accuracy, "lr": lr}, tick)
+                                 {**losses, "accuracy": accuracy, "lr": lr, **named_diagnostics(diagnostics)}, tick)
         if args.no_progress and lead:
             print(epoch_line(epoch, args.epochs, seen, lr, time.perf_counter() - epoch_start), flush=True)
         # --- bookkeeping: Gaussian prompt aggregation snapshot, atomic checkpoint ---
@@ -1219,6 +1251,12 @@ def open_log(path, start_epoch, key="epoch", write=True):
     return open(path, "a")
 
 
+def named_diagnostics(diagnostics: dict | None) -> dict:
+    """GRAM's per-step diagnostics (meta.regulation_diagnostics) as log.jsonl fields: gram_step_ratio, gram_cos,
+    gram_gate."""
+    return {f"gram_{k}": v for k, v in (diagnostics or {}).items()}
+
+
 def log_iteration(log, position: dict, values: dict, tick) -> float:
     """One JSON line: where in the run (epoch and iteration within it; GRAM: step), every value (loss terms,
     training accuracy (%), lr; tensors or numbers), wall seconds since the previous line (batch loading included).
@@ -1249,19 +1287,32 @@ def gram_regulators(args, learner, kind=None, norm_mode=None) -> meta.RegulatorB
                               norm_mode=norm_mode or args.gram_norm_mode).to(learner.clip.logit_scale.device)
 
 
+def encode_pairs(learner, params, batch):
+    """A learner's PairOutput of a batch (images or their cached features, prompted captions) through `params`."""
+    images, captions = batch
+    return torch.func.functional_call(learner, params, (images,), {"captions": captions})
+
+
 def pair_loss(learner, params, batch) -> tuple:
     """CLIP's symmetric InfoNCE of a batch of pairs through the prompts `params` (reconstruction: GRAM's task loss),
-    and each prompt's regulator context (the mean final hidden state of its prompted encoder)."""
-    images, captions = batch
-    out = torch.func.functional_call(learner, params, (images,), {"captions": captions})
-    loss = meta.contrastive_loss(out.image_features, out.text_features, learner.clip.logit_scale.exp())
+    and each prompt's regulator context (the mean final hidden state of its prompted encoder). batch = (images,
+    captions, negatives: None or a batch of other concepts' pairs, the candidates instead of the set's own pairs)."""
+    images, captions, negatives = batch
+    out = encode_pairs(learner, params, (images, captions))
+    neg = encode_pairs(learner, params, negatives) if negatives is not None else None
+    loss = meta.contrastive_loss(out.image_features, out.text_features, learner.clip.logit_scale.exp(),
+                                 *((neg.image_features, neg.text_features) if neg is not None else ()))
     contexts = {name: out.contexts[prompts.modality(name)].to(p.dtype) for name, p in params.items()}  # autocast: back
     return loss, contexts
 
 
-def pair_batch(learner, pairs, index, transform, device) -> tuple:
-    """(images (B, 3, R, R), prompted captions) of the pairs `index`."""
-    images = torch.stack([transform(data.read_image(pairs[i].impath)) for i in index.tolist()]).to(device)
+def pair_batch(learner, pairs, index, transform, device, image_features=None) -> tuple:
+    """(images (B, 3, R, R), prompted captions) of the pairs `index`; with `image_features` (N, E), the cached CLIP
+    features of every pair (a learner without image prompts: CoOp), those rows (B, E) instead of the images."""
+    if image_features is not None:
+        images = image_features[index].to(device)
+    else:
+        images = torch.stack([transform(data.read_image(pairs[i].impath)) for i in index.tolist()]).to(device)
     captions = prompts.caption_prompts(learner.clip, [pairs[i].caption for i in index.tolist()],
                                        learner.ctx.shape[-2], learner.text_prefix)
     return images, captions
@@ -1269,28 +1320,28 @@ def pair_batch(learner, pairs, index, transform, device) -> tuple:
 
 def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement, generator, first,
               n_tasks=None, offset=0, scaler=None):
-    """One meta-training step (SUPMER: model/meta.py:77-212) over tasks (support, query, partner, domain similarity):
-    per task the regulated inner step, the mixup InfoNCE of query and partner at the adapted prompts (first order in
-    the prompts, exact in the regulators), the gradient agreement s, the gate regularizer; then clipped Adam steps and
-    s's running mean. torchrun: this process's tasks start at `offset` of `n_tasks`. Returns (losses, agreement)."""
+    """One meta-training step (SUPMER: model/meta.py:77-212) over tasks (support, query, partner, negatives or None,
+    domain similarity): per task the regulated inner step, the query loss at the adapted prompts (first order in the
+    prompts, exact in the regulators), the gradient agreement s, the gate regularizer; then clipped Adam steps and
+    s's running mean. Also logged: meta.regulation_diagnostics of the inner step. torchrun: this process's tasks
+    start at `offset` of `n_tasks`. Returns (losses, agreement)."""
     params, scaler = prompts.prompt_parameters(learner), scaler or NO_LOSS_SCALING
     loss_factor = loss_scale(scaler)  # fixed for the step: the scaler only updates at its end
     optimizer.zero_grad(set_to_none=True)
     regulator_optimizer.zero_grad(set_to_none=True)
-    n, sims, logged = n_tasks or len(tasks), [], {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0}
+    n, sims = n_tasks or len(tasks), []
+    logged = {"support": 0.0, "outer": 0.0, "lam": 0.0, "gate": 0.0, "step_ratio": 0.0, "cos": 0.0}
     scale, device = learner.clip.logit_scale.exp(), learner.clip.logit_scale.device.type
     lams = [meta.curriculum_lambda(agreement, generator) for _ in range(n)]  # the same stream in every process
     groups = {regulators.key(k): k for k in params}  # one gate per regulator
-    for lam, (support, query, partner, domain_similarity) in zip(lams[offset:], tasks):
+    for lam, (support, query, partner, negatives, domain_similarity) in zip(lams[offset:], tasks):
         with meta.second_order_attention(args.gram_second_order):  # double backward through attention: math kernel
-            adapted, regulated, gates, support_loss, contexts = meta.regulated_inner_update(
-                in_precision(args, device, lambda p, b: pair_loss(learner, p, b)), params, regulators, support,
-                alpha=args.gram_alpha, second_order=args.gram_second_order, loss_scale=loss_factor)
+            adapted, regulated, gates, support_loss, contexts, raw = meta.regulated_inner_update(
+                in_precision(args, device, lambda p, b: pair_loss(learner, p, b)), params, regulators,
+                (*support, negatives), alpha=args.gram_alpha, second_order=args.gram_second_order,
+                loss_scale=loss_factor)
             with autocast(args, device):
-                q = torch.func.functional_call(learner, adapted, (query[0],), {"captions": query[1]})
-                a = torch.func.functional_call(learner, adapted, (partner[0],), {"captions": partner[1]})
-                outer = meta.mixup_contrastive_loss(q.image_features, q.text_features, a.image_features,
-                                                    a.text_features, lam, scale)
+                outer = query_loss(learner, adapted, query, partner, negatives, lam, scale)
             query_grads = task_gradients(scaler, outer / n, params, n, loss_factor)
         s_tau = statistics.fmean(meta.gradient_agreement(query_grads[k], regulated[k].detach()) for k in params)
         if args.gram_gate_regularizer and args.gram_regulator != "meta_sgd":
@@ -1298,15 +1349,24 @@ def gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, 
                      for k in groups.values()]
             scaler.scale(sum(terms) / n).backward()  # its only gradient path is the gate
         sims.append(s_tau)
-        gate_values = [float(gates[k].detach()) for k in groups.values() if gates[k] is not None]
         accumulate(logged, n, support=float(support_loss), outer=float(outer.detach()), lam=lam,
-                   gate=statistics.fmean(gate_values) if gate_values else 0.0)
+                   **meta.regulation_diagnostics(params, raw, regulated, gates, args.gram_alpha))
     clipped_steps(args, scaler, [params, regulators], [optimizer, regulator_optimizer], args.gram_clip)
     totals = all_reduce_sum(args, torch.tensor([sum(sims), *logged.values()], dtype=torch.float64,
                                                device=learner.clip.logit_scale.device))
     mean_sim, logged = float(totals[0]) / n, dict(zip(logged, totals[1:].tolist()))
     agreement = mean_sim if first else 0.5 * agreement + 0.5 * mean_sim  # SUPMER: meta.py:205-210
-    return {**{k: torch.tensor(v) for k, v in logged.items()}, "agreement": torch.tensor(agreement)}, agreement
+    logged.update(similarity=mean_sim, agreement=agreement)
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in logged.items()}, agreement
+
+
+def query_loss(learner, adapted, query, partner, negatives, lam: float, scale) -> torch.Tensor:
+    """GRAM's outer loss: the query batch mixed with its partner (meta.mixup_contrastive_loss) at the adapted
+    prompts, against the task's negatives (or, without them, both batches' own pairs)."""
+    q, a = encode_pairs(learner, adapted, query), encode_pairs(learner, adapted, partner)
+    neg = encode_pairs(learner, adapted, negatives) if negatives is not None else None
+    return meta.mixup_contrastive_loss(q.image_features, q.text_features, a.image_features, a.text_features, lam,
+                                       scale, *((neg.image_features, neg.text_features) if neg is not None else ()))
 
 
 def task_gradients(scaler, loss, params, n: int, loss_factor: float) -> dict:
@@ -1333,15 +1393,27 @@ def clipped_steps(args, scaler, modules, optimizers, max_norm: float):
     step_optimizers(scaler, *optimizers)
 
 
-def gram_task_tree(args, clip, pairs, device) -> tuple:
-    """The leaves of the cross-modal hierarchical clustering of the pairs' frozen CLIP embeddings, and their centroids;
-    cached next to the CSV (the cache is keyed by the CSV's SHA256, the backbone and the clustering settings)."""
+class TaskTree(NamedTuple):
+    """The meta-training tasks' structure over the pairs: leaf and concept of every pair (N,) (-1: a dropped leaf),
+    the leaves' centroids (L, E), and the pairs' frozen CLIP image features (N, E)."""
+
+    leaves: torch.Tensor
+    concepts: torch.Tensor
+    centroids: torch.Tensor
+    image_features: torch.Tensor
+
+
+TASK_TREE_VERSION = 2  # in the cache's key: 2 added the concepts and the image features
+
+
+def gram_task_tree(args, clip, pairs, device) -> TaskTree:
+    """The cross-modal hierarchical clustering of the pairs' frozen CLIP embeddings (a TaskTree); cached next to the
+    CSV (the cache is keyed by the CSV's SHA256, the backbone and the clustering settings)."""
     key = hashlib.sha256(f"{clip_model.sha256_of(args.pairs)} {args.backbone} {args.gram_k_text} {args.gram_k_image} "
-                         f"{2 * args.gram_batch} {args.seed}".encode()).hexdigest()[:16]
+                         f"{2 * args.gram_batch} {args.seed} {TASK_TREE_VERSION}".encode()).hexdigest()[:16]
     cache = Path(args.pairs).with_name(f"{Path(args.pairs).name}.gram-tree-{key}.pt")
     if cache.exists():
-        tree = torch.load(cache, weights_only=True)
-        return tree["leaves"], tree["centroids"]
+        return TaskTree(**torch.load(cache, weights_only=True))
     transform = data.build_transform(False, clip.visual.input_resolution)
     image_features, text_features = [], []
     with torch.no_grad():
@@ -1352,16 +1424,17 @@ def gram_task_tree(args, clip, pairs, device) -> tuple:
             image_features.append(clip.encode_image(images).cpu())
             text_features.append(clip.encode_text(text.to(device)).cpu())
     image_features, text_features = torch.cat(image_features), torch.cat(text_features)
-    leaves = meta.hierarchical_clusters(text_features, image_features, k_text=args.gram_k_text,
-                                        k_image=args.gram_k_image, min_size=2 * args.gram_batch, seed=args.seed)
+    leaves, concepts = meta.hierarchical_clusters(text_features, image_features, k_text=args.gram_k_text,
+                                                  k_image=args.gram_k_image, min_size=2 * args.gram_batch,
+                                                  seed=args.seed)
     if int(leaves.max()) + 1 < max(args.gram_tasks, 2):
         raise data.DataError(f"{args.pairs}: {len(pairs)} pairs give {int(leaves.max()) + 1} clusters of at least "
                              f"{2 * args.gram_batch} pairs, fewer than a meta-batch of {args.gram_tasks} tasks needs; "
                              "add pairs, or lower --gram-k-text / --gram-k-image / --gram-batch / --gram-tasks")
-    centroids = meta.leaf_centroids(image_features, leaves)
+    tree = TaskTree(leaves, concepts, meta.leaf_centroids(image_features, leaves), image_features)
     if args.rank == 0:  # torchrun: every process computes the same tree; one writes it
-        save_atomic({"leaves": leaves, "centroids": centroids}, cache)
-    return leaves, centroids
+        save_atomic(tree._asdict(), cache)
+    return tree
 
 
 def meta_train_gram(args):
@@ -1389,7 +1462,10 @@ def meta_train_gram(args):
     optimizer = torch.optim.Adam(params.values(), lr=args.gram_prompt_lr, weight_decay=0.0)
     regulator_optimizer = torch.optim.Adam(regulators.parameters(), lr=args.gram_regulator_lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device, enabled=args.precision == "fp16")  # loss scaling for fp16 only
-    leaves, centroids = gram_task_tree(args, clip, pairs, device)
+    tree = gram_task_tree(args, clip, pairs, device)
+    # a learner without image prompts (CoOp) sees the same image features every step: the tree's, computed once
+    features = tree.image_features if isinstance(learner, prompts.FROZEN_IMAGE) else None
+    initial_regulators = {k: v.detach().clone() for k, v in regulators.state_dict().items()}
     generator = torch.Generator().manual_seed(args.seed)  # leaves, partners, curriculum: one dedicated stream
     transform = data.build_transform(False, clip.visual.input_resolution)
     ckpt_path, start_step, agreement = os.path.join(args.output_dir, "checkpoint.pt"), 0, 0.0
@@ -1400,6 +1476,7 @@ def meta_train_gram(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         regulator_optimizer.load_state_dict(ckpt["regulator_optimizer"])
         start_step, agreement = ckpt["step"], ckpt["agreement"]
+        initial_regulators = ckpt["initial_regulators"]
         generator.set_state(ckpt["generator"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -1411,33 +1488,41 @@ def meta_train_gram(args):
         for opt, lr in ((optimizer, args.gram_prompt_lr), (regulator_optimizer, args.gram_regulator_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * decay
-        episodes = meta.sample_episodes(leaves, args.gram_tasks, args.gram_batch, generator, args.gram_partner_any_leaf)
+        episodes = meta.sample_episodes(tree.leaves, args.gram_tasks, args.gram_batch, generator,
+                                        args.gram_partner_any_leaf, tree.concepts, args.gram_negatives)
         mine = share(len(episodes), args)[0]  # torchrun: this process's tasks (every process draws them all)
         tasks = []
-        for support, query, partner, leaf, other in episodes[mine]:
-            similarity = float((1 + F.cosine_similarity(centroids[leaf], centroids[other], dim=0)) / 2)
-            tasks.append(tuple(pair_batch(learner, pairs, idx, transform, device) for idx in (support, query, partner))
-                         + (similarity,))
+        for e in episodes[mine]:
+            batch = lambda idx: pair_batch(learner, pairs, idx, transform, device, features)
+            similarity = (1 + F.cosine_similarity(tree.centroids[e.leaf], tree.centroids[e.augmentation_leaf], dim=0))
+            tasks.append((batch(e.support), batch(e.query), batch(e.augmentation),
+                          batch(e.negatives) if e.negatives is not None else None, float(similarity / 2)))
         losses, agreement = gram_step(args, learner, regulators, optimizer, regulator_optimizer, tasks, agreement,
                                       generator, first=step == 0, n_tasks=len(episodes), offset=mine.start,
                                       scaler=scaler)
+        losses["regulator_moved"] = meta.distance_from(regulators, initial_regulators)
         bar.set_postfix(outer=f"{float(losses['outer']):.3f}", s=f"{agreement:.3f}")
         tick = log_iteration(log, {"step": step}, {**losses, "lr": args.gram_prompt_lr * decay}, tick)
         if lead and ((step + 1) % args.gram_checkpoint_every == 0 or step + 1 == args.gram_steps):
             save_atomic({"prompts": {k: v.detach() for k, v in params.items()}, "regulators": regulators.state_dict(),
                          "optimizer": optimizer.state_dict(), "regulator_optimizer": regulator_optimizer.state_dict(),
                          "step": step + 1, "agreement": agreement, "generator": generator.get_state(),
+                         "initial_regulators": initial_regulators,
                          "scaler": scaler.state_dict(), "config": vars(args)}, ckpt_path)
     log.close()
     if not lead:
         return
-    save_atomic(gram_file(args, learner, regulators), os.path.join(args.output_dir, "gram.pt"))
-    print(f"GRAM meta-trained {args.gram_steps} steps in {time.time() - start_time:.0f} s; "
-          f"wrote {os.path.join(args.output_dir, 'gram.pt')}")
+    file = gram_file(args, learner, regulators)
+    save_atomic(file, os.path.join(args.output_dir, "gram.pt"))
+    print(f"GRAM meta-trained {args.gram_steps} steps in {time.time() - start_time:.0f} s; the learned context's "
+          f"mean token norm {file['config']['context_norm']:.3f} against the token embeddings' "
+          f"{file['config']['token_embedding_norm']:.3f}; wrote {os.path.join(args.output_dir, 'gram.pt')}")
 
 
 def gram_file(args, learner, regulators) -> dict:
-    """What downstream training needs: the prompt initialisation, the regulators and how to rebuild them."""
+    """What downstream training needs: the prompt initialisation, the regulators and how to rebuild them; and the
+    learned text context's mean norm per token beside the CLIP token embeddings' (where the context sits on their
+    scale)."""
     params = prompts.prompt_parameters(learner)
     return {"prompts": {k: v.detach().cpu() for k, v in params.items()},
             "regulators": {k: v.cpu() for k, v in regulators.state_dict().items()},
@@ -1445,7 +1530,8 @@ def gram_file(args, learner, regulators) -> dict:
                        "backbone_fingerprint": clip_model.fingerprint(args.backbone),
                        "norm_mode": args.gram_norm_mode, "shapes": {k: list(v.shape) for k, v in params.items()},
                        "ctx_init": args.ctx_init, "pairs": str(args.pairs), "steps": args.gram_steps,
-                       "seed": args.seed}}
+                       "seed": args.seed, "context_norm": float(learner.ctx.detach().norm(dim=-1).mean()),
+                       "token_embedding_norm": float(learner.clip.token_embedding.weight.norm(dim=-1).mean())}}
 
 
 def run(args):
