@@ -328,42 +328,54 @@ GRAM_TESTBED_STEPS = {"coop": 1000, "ivlp": 400}  # outer steps: each meta-train
 GRAM_TESTBED_CLUSTERS = ("--gram-k-text", "24", "--gram-k-image", "2")  # 10,000 pairs of 24 base combinations
 GRAM_SEEDS = TESTBED_SEEDS
 GRAM_SHOTS = {"base2new": (1, 4, 16), "multi_source_dg": DG_SHOTS}
+# the 2 x 2 design (train.py --gram-parts; neither half is the method itself) and GRAM with an identity-start
+# regulator (its own meta-training, --gram-regulator identity): base-to-new; DG runs the method and +gram only
+GRAM_VARIANTS = {"+gram": ("default", []), "+gram-init": ("default", ["--gram-parts", "init"]),
+                 "+gram-reg": ("default", ["--gram-parts", "regulator"]), "+gram-identity": ("identity", [])}
+GRAM_REGULATORS = ("default", "identity")  # meta-trainings per base: --gram-regulator supmer, identity
 
 
-def gram_runs(seeds, root: str, output: str, files: dict) -> list:
-    """train.py argument lists of CoOp and IVLP with and without their GRAM file, base-to-new at 1, 4 and 16 shots
-    and DG at 1 and 5, seed after seed. Those without GRAM at 16 shots base-to-new and in DG are testbed_runs' own
-    (the same folders): whichever command comes first runs them."""
+def gram_runs(seeds, root: str, output: str, files: dict, dg_shots=GRAM_SHOTS["multi_source_dg"]) -> list:
+    """train.py argument lists of CoOp and IVLP, each alone and in every GRAM_VARIANTS form (files[base][regulator]:
+    its gram.pt), base-to-new at 1, 4 and 16 shots, and the method alone and with GRAM in DG at `dg_shots`, seed
+    after seed. Those without GRAM at 16 shots base-to-new and in DG are testbed_runs' own (the same folders):
+    whichever command comes first runs them."""
     runs = []
     for seed in seeds:
-        for base, with_gram in itertools.product(GRAM_TESTBED_STEPS, (False, True)):
-            name, extra = (f"{base}+gram", ["--gram", files[base]]) if with_gram else (base, [])
-            common = ["--method", base, "--seed", str(seed), "--root", root, *extra]
-            runs += [[*common, "--dataset", "world", "--shots", str(k),
-                      "--output-dir", f"{output}/base2new/world/{name}/shots_{k}/seed_{seed}"]
-                     for k in GRAM_SHOTS["base2new"]]
-            runs += [[*common, "--dataset", "world_styles", "--target-domain", "all", "--shots", str(k),
-                      "--output-dir", f"{output}/multi_source_dg/world_styles/{name}/shots_{k}/seed_{seed}"]
-                     for k in GRAM_SHOTS["multi_source_dg"]]
+        for base in GRAM_TESTBED_STEPS:
+            variants = {base: []} | {base + suffix: ["--gram", files[base][regulator], *flags]
+                                     for suffix, (regulator, flags) in GRAM_VARIANTS.items()}
+            for name, extra in variants.items():
+                common = ["--method", base, "--seed", str(seed), "--root", root, *extra]
+                runs += [[*common, "--dataset", "world", "--shots", str(k),
+                          "--output-dir", f"{output}/base2new/world/{name}/shots_{k}/seed_{seed}"]
+                         for k in GRAM_SHOTS["base2new"]]
+                runs += [[*common, "--dataset", "world_styles", "--target-domain", "all", "--shots", str(k),
+                          "--output-dir", f"{output}/multi_source_dg/world_styles/{name}/shots_{k}/seed_{seed}"]
+                         for k in dg_shots if name in (base, f"{base}+gram")]
     return runs
 
 
-def run_gram_testbed(seeds, root: str, output: str, jobs: int = 1) -> str:
-    """GRAM on the testbed: meta-train on pairs (in this process), then CoOp / IVLP with and without the file, both
-    protocols (train_in_parallel); the two tables and GRAM's paired differences."""
+def run_gram_testbed(seeds, root: str, output: str, jobs: int = 1, dg_shots=GRAM_SHOTS["multi_source_dg"]) -> str:
+    """GRAM on the testbed: meta-train on pairs (in this process; SUPMER's regulator and the identity-start one), then
+    CoOp / IVLP alone and with each part of the file (train_in_parallel); the tables and GRAM's paired
+    differences."""
     root, output = prepare_testbed(root, output)
     pairs = os.path.join(root, "pairs", "pairs.csv")
     if not os.path.exists(pairs):
         testbed.write_pairs(os.path.join(root, "pairs"), 10_000)
     files = {}
     for base, steps in GRAM_TESTBED_STEPS.items():
-        out = f"{output}/gram/{base}"
-        files[base] = f"{out}/gram.pt"
-        if not os.path.exists(files[base]):
-            train.run(train.parse_args(["--method", "gram", "--pairs", pairs, "--base", base, "--gram-steps",
-                                        str(steps), *GRAM_TESTBED_CLUSTERS, "--output-dir", out, "--no-progress"]))
-    train_in_parallel(gram_runs(seeds, root, output, files), jobs)
-    names = {name for base in GRAM_TESTBED_STEPS for name in (base, f"{base}+gram")}
+        for regulator in GRAM_REGULATORS:
+            out = f"{output}/gram/{base}" + ("" if regulator == "default" else f"-{regulator}")
+            files.setdefault(base, {})[regulator] = f"{out}/gram.pt"
+            if not os.path.exists(f"{out}/gram.pt"):
+                kind = ["--gram-regulator", "identity"] if regulator == "identity" else []
+                train.run(train.parse_args(["--method", "gram", "--pairs", pairs, "--base", base, "--gram-steps",
+                                            str(steps), *GRAM_TESTBED_CLUSTERS, *kind, "--output-dir", out,
+                                            "--no-progress", "--resume"]))
+    train_in_parallel(gram_runs(seeds, root, output, files, dg_shots), jobs)
+    names = {base + suffix for base in GRAM_TESTBED_STEPS for suffix in ("", *GRAM_VARIANTS)}
     dg = {key: r for key, r in evaluation.collect_dg(f"{output}/multi_source_dg").items() if key[0] in names}
     return "\n\n".join([gram_base2new_table(f"{output}/base2new", names), evaluation.dg_table(dg),
                          gram_difference_table(f"{output}/base2new", dg)])
@@ -392,15 +404,15 @@ def gram_difference_table(b2n_output: str, dg: dict) -> str:
                                                  pct=round(100 * evaluation.CONFIDENCE)) + ":", "",
              "| difference | protocol | shots | seeds | base | new | HM or DG average |", "|---|---|---|---|---|---|---|"]
     for base in GRAM_TESTBED_STEPS:
-        for shots in GRAM_SHOTS["base2new"]:
+        for suffix, shots in itertools.product(GRAM_VARIANTS, GRAM_SHOTS["base2new"]):
             with_gram, without = (runs.get(evaluation.row_name(m, f"shots_{shots}"), {}).get("world")
-                                  for m in (f"{base}+gram", base))
+                                  for m in (base + suffix, base))
             if not (with_gram and without):
                 continue
             mine, theirs = (evaluation.base2new_by_seed({"world": r}, ["world"]) for r in (with_gram, without))
             cells = [evaluation.paired_difference({s: v[k] for s, v in mine.items()},
                                                   {s: v[k] for s, v in theirs.items()}) for k in ("base", "new", "HM")]
-            lines.append(f"| {base}+gram - {base} | base-to-new | {shots} | {evaluation.seeds_cell(cells[2])} | "
+            lines.append(f"| {base}{suffix} - {base} | base-to-new | {shots} | {evaluation.seeds_cell(cells[2])} | "
                          + " | ".join(evaluation.difference_cell(c) for c in cells) + " |")
         if not any(method == base for method, _, _ in dg):  # no DG runs without GRAM: nothing to pair with
             continue
@@ -595,7 +607,8 @@ def main():
                         help=f"testbed and gram seeds (default {TESTBED_SEEDS[0]}-{TESTBED_SEEDS[-1]})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="testbed, gram: train.py runs at a time, each with its share of the cores (default: one a core)")
-    parser.add_argument("--dg-shots", type=int, nargs="+", default=list(DG_SHOTS), help="testbed DG shots")
+    parser.add_argument("--dg-shots", type=int, nargs="*", default=list(DG_SHOTS),
+                        help="testbed, gram: DG shots (none: no DG runs)")
     parser.add_argument("--root", default="data", help="testbed: where the world dataset is written")
     parser.add_argument("--output", default=None, help="where runs are written (testbed, gram: output/testbed; grid: "
                         "output)")
@@ -613,7 +626,7 @@ def main():
         print(run_testbed(args.seeds or TESTBED_SEEDS, args.root, args.output, args.dg_shots, args.jobs))
         return
     if args.what == "gram":
-        print(run_gram_testbed(args.seeds or GRAM_SEEDS, args.root, args.output, args.jobs))
+        print(run_gram_testbed(args.seeds or GRAM_SEEDS, args.root, args.output, args.jobs, args.dg_shots))
         return
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats, args.precision, args.plain_case, args.compile,

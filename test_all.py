@@ -2969,7 +2969,7 @@ def test_gram_regulated_downstream_step_by_hand(tiny):
     assert diagnostics["step_ratio"] == pytest.approx(float(0.1 * regulated.norm() / ctx0.norm()), rel=1e-10)
     cosine = float((regulated * grad).sum() / (regulated.norm() * grad.norm()))
     assert diagnostics["cos"] == pytest.approx(cosine, rel=1e-10) and cosine < 0.999
-    assert diagnostics["gate"] == pytest.approx(float(bank.gate("ctx", context)), rel=1e-10)
+    assert diagnostics["gate"] == pytest.approx(float(bank.gate("ctx", context).detach()), rel=1e-10)
     # an untrained identity-start regulator (--gram-regulator identity) takes plain CoOp's step exactly
     identity = meta.RegulatorBank({"ctx": learner.ctx.shape}, prompts.modality, kind="identity").double()
     with torch.no_grad():
@@ -2979,6 +2979,29 @@ def test_gram_regulated_downstream_step_by_hand(tiny):
                    identity)
     torch.testing.assert_close(learner.ctx.detach(), hand_sgd(ctx0, grad, None, 0.1, MOM, WD)[0], rtol=1e-10,
                                atol=1e-13)
+
+
+def test_gram_testbed_runs_are_the_two_by_two_design():
+    """benchmark.py gram's runs: per base and seed, the method alone and with both halves of its GRAM file, the
+    initialisation alone, the regulator alone (train.py --gram-parts) and the identity-start file, each at 1, 4 and 16
+    shots base-to-new, in the folders train.py gives them (the identity-start file's runs in +gram-identity); DG
+    only for the method and +gram."""
+    import benchmark
+    import train
+    files = {b: {"default": f"{b}.pt", "identity": f"{b}-identity.pt"} for b in benchmark.GRAM_TESTBED_STEPS}
+    runs = benchmark.gram_runs([1], "data", "out", files, dg_shots=[5])
+    b2n = [r for r in runs if "world" in r]
+    assert len(b2n) == 2 * 5 * 3 and len(runs) - len(b2n) == 2 * 2
+    for argv in b2n:
+        args = train.parse_args(argv)
+        folder = argv[argv.index("--output-dir") + 1].split("/")[3]  # out/base2new/world/<method>/shots_K/seed_S
+        named = Path(train.default_output_dir(args)).parts[3]  # where train.py itself would put the run
+        assert named == (folder.removesuffix("-identity") if folder.endswith("-identity") else folder)
+        if "+gram" in folder:
+            assert args.gram == (files[args.method]["identity"] if folder.endswith("identity") else
+                                 files[args.method]["default"])
+    dg = [r for r in runs if "world_styles" in r]
+    assert {r[r.index("--output-dir") + 1].split("/")[3] for r in dg} == {"coop", "coop+gram", "ivlp", "ivlp+gram"}
 
 
 def write_pairs_csv(path, rows, header=("filepath", "title")):
