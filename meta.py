@@ -425,8 +425,8 @@ def sample_episodes(leaves: torch.Tensor, n_tasks: int, batch: int, generator: t
     draw over all leaves, the task's own included).
     negatives="other_concepts" (SUPMER's tasks contrast a domain's examples with candidates from other clusters:
     pretrain/metatask/SameClusterSentSelectionTask.py:52-72 draws them from any cluster d != the task's): `batch`
-    negative pairs drawn uniformly from the pairs whose concept is neither
-    the task's nor its partner's, so that no caption of the task's own concept (often the same words) is a negative;
+    negative pairs drawn uniformly from the pairs whose concept is neither the task's nor its partner's, so that no
+    caption of the task's own concept (often the same words) is a negative;
     negatives="in_batch": none, the InfoNCE of a set contrasts its own pairs (same-leaf episodes, the ablation).
     Returns [Episode], in this draw order: leaves, then per task its order, partner leaf, partner, negatives."""
     if negatives not in NEGATIVE_SOURCES:

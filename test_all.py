@@ -2996,7 +2996,7 @@ def test_gram_testbed_runs_are_the_two_by_two_design():
         args = train.parse_args(argv)
         folder = argv[argv.index("--output-dir") + 1].split("/")[3]  # out/base2new/world/<method>/shots_K/seed_S
         named = Path(train.default_output_dir(args)).parts[3]  # where train.py itself would put the run
-        assert named == (folder.removesuffix("-identity") if folder.endswith("-identity") else folder)
+        assert named == folder.removesuffix("-identity")
         if "+gram" in folder:
             assert args.gram == (files[args.method]["identity"] if folder.endswith("identity") else
                                  files[args.method]["default"])
